@@ -1,0 +1,43 @@
+# Set-up and everyday commands. On a fresh Debian machine, as root:
+#   make demo   installs everything (apt packages, .venv with all extras) and runs the main job on the tiny default
+#   make test   installs what the tests need into .venv and runs the fast test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints/cpu.txt
+DEMO_DIR ?= .cache/demo
+QUESTION ?= What do you see and hear?
+
+.PHONY: demo test lint system venv install-dev install-all clean
+
+system:
+	bash scripts/install-system.sh
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+
+# Stamp files: reinstall only when the dependency list changes.
+$(VENV)/.dev-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+$(VENV)/.all-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,serve,train]'
+	touch $@ $(VENV)/.dev-installed
+
+install-dev: $(VENV)/.dev-installed
+install-all: system $(VENV)/.all-installed
+
+demo: install-all
+	$(VENV)/bin/ola demo --out $(DEMO_DIR) "$(QUESTION)"
+
+test: install-dev
+	$(PY) -m pytest -q
+
+lint: install-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

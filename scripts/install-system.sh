@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# System packages the platform uses (Debian): espeak-ng speaks the demo's question and is the default TTS backend.
+set -euo pipefail
+packages=(espeak-ng)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-system: need root to install: ${missing[*]} (or install them yourself)" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}"
