@@ -217,14 +217,26 @@ def load_checkpoint(
             read before every key has been checked. Weights are read straight into the model's storage, so memory
             peaks at about one copy of the weights.
     """
-    path = Path(path)
+    model, sources, plan, skipped = _plan_load(Path(path), dtype)
+    model.to_empty(device=device)
+    total = sum(sources[key].dtype.itemsize * _numel(sources[key].shape) for key, _ in plan)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
+        report: LoadReport = read_plan(model, sources, plan, skipped, what=str(path), progress=bar.update)
+    report.notes.append(f"dtype {model.dtype}; BEATs float32")
+    model.reset_nonpersistent_buffers()
+    model.load_report = report
+    log.info("loaded %d tensors (%.1f MB) from %s", report.loaded, report.bytes / 1e6, path)
+    return model.eval()
+
+
+def _plan_load(path: Path, dtype: torch.dtype | None):
+    """Config, sources and the strict key plan of a checkpoint, on a meta-device model (no weights read)."""
     config = read_config(path)
     if dtype is None:
         stored = json.loads((path / CONFIG_FILE).read_text()).get("torch_dtype", "float32")
         dtype = {v: k for k, v in _DTYPE_NAMES.items()}.get(stored, torch.float32)
     sources = checkpoint_sources(path)
     duplicates = _beats_duplicates(sources)
-
     model = build_model(config, device="meta", dtype=dtype)
     names = list(named_tensors(model))
     key_to_param = build_map(names, ola_checkpoint_name)
@@ -232,17 +244,25 @@ def load_checkpoint(
     def skip(key: str) -> str | None:
         return "copy of the shared BEATs relative-attention bias (layer 0)" if key in duplicates else None
 
-    # Check every key before allocating, so a bad checkpoint fails fast and allocates nothing.
     shapes = {name: tuple(t.shape) for name, t in named_tensors(model).items()}
     plan, skipped = check_strict(shapes, sources, key_to_param, names, skip=skip, what=str(path))
-    model.to_empty(device=device)
-    total = sum(sources[key].dtype.itemsize * _numel(sources[key].shape) for key, _ in plan)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
-        report: LoadReport = read_plan(model, sources, plan, skipped, what=str(path), progress=bar.update)
-    model.reset_nonpersistent_buffers()
-    model.load_report = report
-    log.info("loaded %d tensors (%.1f MB) from %s", report.loaded, report.bytes / 1e6, path)
-    return model.eval()
+    return model, sources, plan, skipped
+
+
+def verify_checkpoint(path: str | Path) -> LoadReport:
+    """Check a checkpoint directory against its config without reading the weights (only headers).
+
+    Returns:
+        a report whose ``loaded`` / ``bytes`` say what a load would read, and the keys it would skip.
+    Raises:
+        CheckpointError: as :func:`load_checkpoint` would, naming every missing, unexpected and mis-shaped key.
+    """
+    model, sources, plan, skipped = _plan_load(Path(path), None)
+    report = LoadReport(skipped=skipped)
+    report.loaded = len(plan)
+    report.bytes = sum(sources[key].dtype.itemsize * _numel(sources[key].shape) for key, _ in plan)
+    report.notes.append(f"config {model.config.name!r}")
+    return report
 
 
 def _numel(shape: tuple[int, ...]) -> int:
