@@ -276,7 +276,7 @@ def test_truncated_or_missing_shards_fail_clearly(tiny_ckpt):
     shards[1].unlink()
     with pytest.raises(CheckpointError, match="missing"):
         load_checkpoint(tiny_ckpt)
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         load_checkpoint(tiny_ckpt.parent / "nowhere")
 
 
