@@ -9,7 +9,11 @@ from PIL import Image
 
 def ola(*args, timeout=180):
     return subprocess.run(
-        [sys.executable, "-m", "ola_model.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "ola_model.cli", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

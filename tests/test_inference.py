@@ -80,7 +80,7 @@ def test_generation_answers_every_modality(tiny_pipeline, media):
 def test_media_and_limit_errors_are_clear(tiny_pipeline, media):
     with pytest.raises(MediaError, match="image"):
         tiny_pipeline.prepare(OlaRequest("x", images=[media / "bad.png"]))
-    with pytest.raises(LimitError, match="audio chunks.*25"):
+    with pytest.raises(LimitError, match=r"audio chunks.*25"):
         tiny_pipeline.prepare(OlaRequest("x", audio=media / "long.wav"))
     with pytest.raises(LimitError, match="64"):
         tiny_pipeline.prepare(OlaRequest("x", video=media / "clip.mp4", max_video_frames=65))
