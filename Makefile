@@ -1,6 +1,6 @@
 # Set-up and everyday commands. On a fresh Debian machine, as root:
-#   make demo   installs everything (apt packages, .venv with all extras) and runs the main job on the tiny default
-#   make test   installs what the tests need into .venv and runs the fast test suite
+#   ./run.sh demo (= make demo) installs everything (apt packages, .venv with all extras) and runs the main job on the tiny default
+#   ./run.sh test (= make test) installs what the tests need into .venv and runs the fast test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv

@@ -63,15 +63,19 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
         if value is None:
             return "-"
         if isinstance(value, float):
-            return f"{value:.4g}"
+            return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
         return str(value)
 
-    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
     headers = [header for _, header in columns]
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in body]
-    return "\n".join(lines)
+    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    # Numbers right-aligned, text left-aligned, per column (decided by the first row).
+    numeric = [bool(rows) and isinstance(rows[0].get(key), int | float | None) for key, _ in columns]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

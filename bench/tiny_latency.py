@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         extra: dict[str, Any] = {"tokens_per_s": batch / step, "step_s": step}
         if device.type == "cuda":
             extra["bandwidth_fraction"] = step_bytes / args.bandwidth / step
-        add("LLM decode", f"batch {batch}, {args.decode_prompt}-token prompt", step_times, **extra)
+        add("LLM decode", f"batch {batch}, per step", step_times, **extra)
 
     return {
         "preset": args.preset,
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any]) -> str:
-    columns = [("stage", "stage"), ("what", "input"), ("median_s", "median s"), ("min_s", "min s"),
+    columns = [("stage", "stage"), ("what", "input"), ("median_ms", "median ms"), ("min_ms", "min ms"),
                ("tokens_per_s", "tokens/s")]  # fmt: skip
     if result["device"].startswith("cuda"):
         columns.append(("bandwidth_fraction", "of HBM bound"))
@@ -175,7 +175,8 @@ def report(result: dict[str, Any]) -> str:
         f"{result['preset']} on {result['device']} ({result['dtype']}), median of {result['repeats']} after "
         f"{result['warmup']} warm-up, {m['torch_threads']} torch threads, {m['cpu_count']} CPUs"
     )
-    lines = [head, format_table(result["stages"], columns)]
+    rows = [{**r, "median_ms": r["median_s"] * 1e3, "min_ms": r["min_s"] * 1e3} for r in result["stages"]]
+    lines = [head, format_table(rows, columns)]
     if result["bandwidth_bytes_per_s"]:
         bound = result["decode_step_weight_bytes"] / result["bandwidth_bytes_per_s"]
         lines.append(

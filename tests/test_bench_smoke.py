@@ -1,0 +1,64 @@
+"""Smoke tests of the benchmarks in ``bench/``: each main() runs at a toy size and returns sane numbers."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import ``bench.<name>`` from this checkout (the repository root need not be on ``sys.path``)."""
+    if str(REPO_ROOT) not in sys.path:
+        monkeypatch.syspath_prepend(str(REPO_ROOT))
+    return importlib.import_module(f"bench.{name}")
+
+
+def test_load_memory_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    load_memory = _bench("load_memory", monkeypatch)
+    out = tmp_path / "load.json"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    args = ["--size-gb", "0.01", "--shard-mb", "2", "--workdir", str(workdir), "--json", str(out)]
+    result = load_memory.main(args)
+
+    assert json.loads(out.read_text())["checkpoint"]["bytes"] == result["checkpoint"]["bytes"]
+    assert 0.5e7 < result["checkpoint"]["bytes"] < 4e7
+    assert result["checkpoint"]["shards"] > 1
+    assert set(result["methods"]) == {"ours", "naive"}
+    for r in result["methods"].values():
+        assert r["load_s"] > 0
+        assert r["rss_after_import_bytes"] > 0
+        assert r["peak_rss_bytes"] >= r["rss_after_import_bytes"]
+        assert r["peak_net_over_size"] > 0
+    assert result["ours_over_naive"] > 0
+    assert result["methods"]["ours"]["fingerprint"] == pytest.approx(result["methods"]["naive"]["fingerprint"])
+    assert list(workdir.iterdir()) == []  # the generated checkpoint is cleaned up
+
+
+def test_tiny_latency_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny_latency = _bench("tiny_latency", monkeypatch)
+    out = tmp_path / "latency.json"
+    args = ["--repeats", "1", "--warmup", "0", "--video-frames", "2", "--prefill", "32", "64"]
+    args += ["--decode-batch", "1", "2", "--decode-prompt", "8", "--decode-steps", "3", "--json", str(out)]
+    result = tiny_latency.main(args)
+
+    assert json.loads(out.read_text())["stages"] == result["stages"]
+    stages = [r["stage"] for r in result["stages"]]
+    for name in ("ViT + projector, image", "ViT + projector, video", "Whisper encoder", "BEATs (incl. fbank)",
+                 "speech projector", "mel features"):  # fmt: skip
+        assert name in stages
+    assert stages.count("LLM prefill") == 2
+    assert stages.count("LLM decode") == 2
+    for r in result["stages"]:
+        assert r["median_s"] > 0
+        assert r["min_s"] <= r["median_s"]
+    decode = [r for r in result["stages"] if r["stage"] == "LLM decode"]
+    assert all(r["tokens_per_s"] > 0 for r in decode)
+    assert result["decode_step_weight_bytes"] > 0
