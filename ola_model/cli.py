@@ -123,6 +123,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for part, n in counts.items():
         print(f"  {part:<{width}}  {n:>15,}")
     print(f"  {'total':<{width}}  {sum(counts.values()):>15,}")
+    if args.checkpoint:
+        from ola_model.checkpoint.ola_format import verify_checkpoint
+
+        report = verify_checkpoint(args.checkpoint)  # raises CheckpointError naming every bad key
+        print(f"\n{args.checkpoint}: all keys and shapes match ({report.loaded} tensors, {report.bytes / 1e9:.2f} GB)")
+        for key, reason in sorted(report.skipped.items()):
+            print(f"  skipped {key}: {reason}")
     if not args.no_keys:
         tensors = named_tensors(model)
         print(f"\ncheckpoint keys ({len(tensors)}):")
@@ -227,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="print each part's parameter count and the checkpoint keys")
     p.add_argument("--preset", default="ola-7b", help="a preset name (ola-7b, tiny)")
-    p.add_argument("--checkpoint", type=Path, help="inspect the config of a checkpoint directory instead")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="inspect a checkpoint directory: its config, and its keys verified (headers only)",
+    )
     p.add_argument("--no-keys", action="store_true", help="only the parameter counts")
     p.set_defaults(func=cmd_inspect)
 

@@ -59,3 +59,9 @@ def test_bad_media_exits_2_with_a_clear_message(ckpt, tmp_path):
     assert "error: image" in r.stderr and "Traceback" not in r.stderr
     r = ola("generate", "--checkpoint", tmp_path / "missing", "hi")
     assert r.returncode == 2 and "config.json" in r.stderr
+
+
+def test_inspect_verifies_a_checkpoint_directory(ckpt):
+    r = ola("inspect", "--checkpoint", ckpt, "--no-keys")
+    assert r.returncode == 0, r.stderr
+    assert "all keys and shapes match" in r.stdout and "'tiny'" in r.stdout
