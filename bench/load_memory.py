@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         size = checkpoint_bytes(path)
         results = {method: measure(method, path, args.dtype) for method in METHODS}
         num_shards = len(list(path.glob("*.safetensors")))
-        llm = read_config(path).llm
+        llm_dims = dataclasses.asdict(read_config(path).llm)
     finally:
         if tmp is not None and not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "bytes": size,
             "shards": num_shards,
             "dtype": args.dtype,
-            "llm": {k: getattr(llm, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
+            "llm": {k: llm_dims[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")},
         },
         "methods": results,
         "ours_over_naive": ratio,

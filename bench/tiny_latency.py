@@ -75,9 +75,10 @@ def encoder_stages(model: OlaModel, inputs: dict[str, Any]) -> list[tuple[str, s
     fused = torch.randn(1, 1500, model.config.speech_encoder_hidden_size, device=device, dtype=dtype)
     w, h = inputs["image"].size
     lo, hi = views.lowres_size, views.highres_size
+    views_text = f"{w}x{h} -> {lo[0]}x{lo[1]} + {hi[0]}x{hi[1]}"
     T, side = frames.shape[0], frames.shape[-1]
     return [
-        ("image preprocessing", f"{w}x{h} -> {lo[0]}x{lo[1]} + {hi[0]}x{hi[1]}", lambda: process_image(inputs["image"])),
+        ("image preprocessing", views_text, lambda: process_image(inputs["image"])),
         ("ViT + projector, image", "both views", lambda: model.encode_images([pair])),
         ("ViT + projector, video", f"{T} frames {side}x{side}", lambda: model.encode_video(frames)),
         ("mel features", "30 s", lambda: process_audio(inputs["wav"])),

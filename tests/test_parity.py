@@ -8,7 +8,6 @@ layout its family publishes, load it with :mod:`ola_model.checkpoint.components`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -216,11 +215,9 @@ class AudioEncoder(nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_openai(tiny: OlaConfig) -> OlaConfig:
-    """The tiny preset with an openai-whisper-shaped encoder: openai-whisper's MLP width is always 4 d (its ``.pt``
-    dims have no field for it), while the tiny preset has encoder_ffn_dim = 2 d (see the xfail test below)."""
-    return dataclasses.replace(
-        tiny, whisper=dataclasses.replace(tiny.whisper, encoder_ffn_dim=4 * tiny.whisper.d_model)
-    )
+    """The tiny preset, whose Whisper is openai-shaped: openai-whisper's MLP width is always 4 d."""
+    assert tiny.whisper.encoder_ffn_dim == 4 * tiny.whisper.d_model
+    return tiny
 
 
 def _openai_dims(cfg: OlaConfig) -> dict[str, int]:
@@ -292,12 +289,6 @@ def test_whisper_openai_pt_parity(tiny_openai: OlaConfig, openai_encoder: AudioE
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CheckpointError,
-    reason="BUG ola_model/config.py _tiny(): WhisperConfig(encoder_ffn_dim=64) with d_model=32; openai-whisper's "
-    "MLP is always 4*d, so no openai .pt can ever load into the tiny preset (mis-shaped mlp.0/mlp.2 keys)",
-)
 def test_tiny_preset_loads_an_openai_shaped_whisper_pt(tiny: OlaConfig, tmp_path: Path) -> None:
     path = _save_openai(tmp_path / "tiny.pt", _openai_dims(tiny), _openai_encoder(tiny).state_dict())
     report = load_whisper(build_model(tiny, seed=1), path)

@@ -40,12 +40,22 @@ def _torch_load(path: Path) -> dict:
         raise CheckpointError(f"{path}: no such file")
     try:
         # weights_only: never execute pickled code from a checkpoint; mmap: no second copy in memory
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises several types for corrupt / non-zip / unsafe files
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # mmap needs the zip format; legacy files load without it
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt / non-zip / unsafe files
             raise CheckpointError(f"{path}: cannot read as a torch checkpoint: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+    return data
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc}") from exc
 
 
 def _check_dims(what: str, found: dict[str, int], want: dict[str, int]) -> None:
@@ -74,10 +84,7 @@ def _load_part(
 def load_qwen(model: OlaModel, path: str | Path) -> LoadReport:
     """An HF Qwen2.5 directory -> the LLM. A tied-embedding model's head is copied from its embeddings."""
     path = Path(path)
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read config.json: {exc}") from exc
+    cfg = _read_json(path / "config.json")
     llm = model.config.llm
     _check_dims(
         str(path),
@@ -92,7 +99,7 @@ def load_qwen(model: OlaModel, path: str | Path) -> LoadReport:
         },
     )
     sources = checkpoint_sources(path)
-    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in sources:
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in sources and "model.embed_tokens.weight" in sources:
         sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
     return _load_part(model, sources, "llm.", name_map.qwen_checkpoint_name, lambda k: None, str(path))
 
@@ -103,7 +110,7 @@ def load_whisper(model: OlaModel, path: str | Path) -> LoadReport:
     path = Path(path)
     w = model.config.whisper
     if path.is_dir():
-        cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        cfg = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
         want = {
             "num_mel_bins": w.num_mel_bins,
             "d_model": w.d_model,
@@ -136,6 +143,11 @@ def load_whisper(model: OlaModel, path: str | Path) -> LoadReport:
             "n_audio_ctx": w.max_source_positions,
         },
     )
+    if "n_audio_state" in dims and 4 * dims["n_audio_state"] != w.encoder_ffn_dim:
+        raise CheckpointError(
+            f"{path}: openai-whisper MLPs are 4 x n_audio_state = {4 * dims['n_audio_state']} wide, "
+            f"but the model config has whisper.encoder_ffn_dim={w.encoder_ffn_dim}"
+        )
     sources = {k: tensor_source(v) for k, v in data["model_state_dict"].items()}
 
     def skip_openai(key: str) -> str | None:
