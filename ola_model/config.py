@@ -220,7 +220,8 @@ def _tiny() -> OlaConfig:
     return OlaConfig(
         name="tiny",
         vision=VisionConfig(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, pos_grid=32),
-        whisper=WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128),  # 4 d, as openai
+        # openai-whisper MLPs are always 4 d wide
+        whisper=WhisperConfig(d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128),
         beats=BeatsConfig(
             embed_dim=16,
             encoder_embed_dim=32,
