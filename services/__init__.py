@@ -1,0 +1,1 @@
+"""Thin gRPC / Ray Serve adapters around ola_model entry points."""
