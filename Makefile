@@ -9,6 +9,11 @@ CONSTRAINTS ?= constraints/cpu.txt
 DEMO_DIR ?= .cache/demo
 QUESTION ?= What do you see and hear?
 
+# DeepSpeed compiles its ops once into this cache; Ray runs locally without token auth.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+
 .PHONY: demo test lint system venv install-dev install-all clean
 
 system:
@@ -33,7 +38,7 @@ install-all: system $(VENV)/.all-installed
 demo: install-all
 	$(VENV)/bin/ola demo --out $(DEMO_DIR) "$(QUESTION)"
 
-test: install-dev
+test: install-all
 	$(PY) -m pytest -q
 
 lint: install-dev

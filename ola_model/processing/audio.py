@@ -21,6 +21,7 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from ola_model.errors import InputError, LimitError, MediaError
+from ola_model.processing.av_packets import TolerantDecoder, exception_reason
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,6 @@ def _describe(source: str | Path | bytes) -> str:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
     return str(source)
-
-
-def _reason(exc: Exception) -> str:
-    """FFmpeg's message without PyAV's errno prefix."""
-    return getattr(exc, "strerror", None) or str(exc)
 
 
 def _as_file(source: str | Path | bytes) -> str | io.BytesIO:
@@ -111,34 +107,26 @@ def decode_audio_stream(
     resampler = av.AudioResampler(format="fltp")
     parts: list[np.ndarray] = []
     num_samples = 0
-    bad_packets = 0
+    decoder = TolerantDecoder("audio", what)
     try:
-        for packet in container.demux(stream):
-            try:
-                decoded = packet.decode()
-            except (av.FFmpegError, ValueError) as exc:
-                # A corrupt packet (e.g. in a truncated file): skip it and keep what decodes.
-                bad_packets += 1
-                logger.debug("audio %s: skipping undecodable packet (%s)", what, _reason(exc))
-                continue
-            for frame in decoded:
-                for out in resampler.resample(frame):
-                    rate = int(out.sample_rate)
-                    parts.append(out.to_ndarray())  # (C, n)
-                    num_samples += out.samples
-                    if max_seconds is not None and num_samples > max_seconds * rate:
-                        # Stop decoding early: a long upload must not be held in memory at its native rate.
-                        raise _duration_limit_error(num_samples / rate, max_seconds)
+        for frame in decoder.frames(container, stream):
+            for out in resampler.resample(frame):
+                rate = int(out.sample_rate)
+                parts.append(out.to_ndarray())  # (C, n)
+                num_samples += out.samples
+                if max_seconds is not None and num_samples > max_seconds * rate:
+                    # Stop decoding early: a long upload must not be held in memory at its native rate.
+                    raise _duration_limit_error(num_samples / rate, max_seconds)
     except InputError:  # our own limit, not a decoding failure
         raise
     except (av.FFmpegError, ValueError) as exc:  # the container itself broke off
-        logger.warning("audio %s: reading stopped early (%s)", what, _reason(exc))
+        logger.warning("audio %s: reading stopped early (%s)", what, exception_reason(exc))
     if parts:
         parts.extend(out.to_ndarray() for out in resampler.resample(None))  # flush
-    elif bad_packets:
-        raise MediaError("audio", what, f"cannot decode the audio stream ({bad_packets} corrupt packets)")
-    if bad_packets:
-        logger.warning("audio %s: %d undecodable packets skipped", what, bad_packets)
+    elif decoder.bad_packets:
+        raise MediaError("audio", what, f"cannot decode the audio stream ({decoder.bad_packets} corrupt packets)")
+    if decoder.bad_packets:
+        logger.warning("audio %s: %d undecodable packets skipped", what, decoder.bad_packets)
     if not parts:
         return np.zeros((0, 1), dtype=np.float32), rate
     return np.concatenate(parts, axis=1).T.astype(np.float32, copy=False), rate  # (N, C)
@@ -226,7 +214,7 @@ def load_audio(
         except (MediaError, LimitError):
             raise
         except (av.FFmpegError, OSError, ValueError) as exc:
-            raise MediaError("audio", what, f"cannot decode audio: {_reason(exc)}") from exc
+            raise MediaError("audio", what, f"cannot decode audio: {exception_reason(exc)}") from exc
     if data.shape[0] == 0:
         raise MediaError("audio", what, "no samples (empty audio)")
     try:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ola_model.errors import InputError, LimitError, MediaError
 from ola_model.processing.audio import SAMPLE_RATE, decode_audio_array, decode_audio_stream
+from ola_model.processing.av_packets import TolerantDecoder, exception_reason
 from ola_model.processing.image import image_to_tensor, pad_to_size
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,6 @@ def _describe(source: str | Path | bytes) -> str:
     return str(source)
 
 
-def _reason(exc: Exception) -> str:
-    """FFmpeg's message without PyAV's errno prefix."""
-    return getattr(exc, "strerror", None) or str(exc)
-
-
 def _open(source: str | Path | bytes, what: str) -> av.container.InputContainer:
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -147,7 +143,7 @@ def _open(source: str | Path | bytes, what: str) -> av.container.InputContainer:
     except FileNotFoundError as exc:
         raise MediaError("video", what, "file not found") from exc
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise MediaError("video", what, f"cannot open as a video container: {_reason(exc)}") from exc
+        raise MediaError("video", what, f"cannot open as a video container: {exception_reason(exc)}") from exc
 
 
 def _decode_pass(
@@ -166,7 +162,7 @@ def _decode_pass(
     """
     kept: dict[int, torch.Tensor] = {}
     count = 0
-    bad_packets = 0
+    decoder = TolerantDecoder("video", what)
     first_size: tuple[int, int] | None = None
     with _open(source, what) as container:
         if not container.streams.video:
@@ -174,29 +170,21 @@ def _decode_pass(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
-            for packet in container.demux(stream):
-                try:
-                    decoded = packet.decode()
-                except (av.FFmpegError, ValueError) as exc:
-                    # A corrupt packet (e.g. in a truncated file): skip it; the frames that do decode still count.
-                    bad_packets += 1
-                    logger.debug("video %s: skipping undecodable packet (%s)", what, _reason(exc))
-                    continue
-                for frame in decoded:
-                    if first_size is None:
-                        first_size = (frame.width, frame.height)
-                    if count in wanted:
-                        img = frame.to_image()
-                        if img.size != first_size:  # resolution changed mid-stream: one geometry per clip
-                            img = img.resize(first_size, Image.Resampling.BICUBIC)
-                        kept[count] = convert(img)
-                    count += 1
+            for frame in decoder.frames(container, stream):
+                if first_size is None:
+                    first_size = (frame.width, frame.height)
+                if count in wanted:
+                    img = frame.to_image()
+                    if img.size != first_size:  # resolution changed mid-stream: one geometry per clip
+                        img = img.resize(first_size, Image.Resampling.BICUBIC)
+                    kept[count] = convert(img)
+                count += 1
         except InputError:  # e.g. an unusable frame geometry: not a decoding failure
             raise
         except (av.FFmpegError, ValueError) as exc:  # the container itself broke off
-            logger.warning("video %s: reading stopped early after %d frames (%s)", what, count, _reason(exc))
-    if bad_packets:
-        logger.warning("video %s: %d undecodable packets skipped; %d frames decoded", what, bad_packets, count)
+            logger.warning("video %s: reading stopped early after %d frames (%s)", what, count, exception_reason(exc))
+    if decoder.bad_packets:
+        logger.warning("video %s: %d undecodable packets skipped; %d frames decoded", what, decoder.bad_packets, count)
     return kept, count, first_size
 
 
