@@ -1,0 +1,258 @@
+"""A continuous-batching decode engine: requests join and leave the running batch between decode steps.
+
+The running batch shares one left-padded KV cache. A new request is prefilled (new arrivals of the same step
+together) and merged into the batch by padding the cache on the left; a finished or aborted request's row is dropped at
+once, and cache columns that only padding still uses are trimmed. Each request keeps its own sampling parameters and
+random generator, and positions are per request, so a request decodes exactly as it would alone (tested against
+:func:`ola_model.generation.generate_ids`).
+
+The engine is synchronous and single-threaded: a server drives ``step()`` from one loop and calls ``add`` / ``abort``
+from anywhere (they only touch a lock-protected inbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from ola_model.errors import InputError, LimitError
+from ola_model.generation import SamplingParams, process_logits, select_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """One request's result of one engine step."""
+
+    request_id: str
+    token_id: int | None  # None when the step produced no token (stop id, abort)
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: torch.Tensor  # (L, C)
+    params: SamplingParams
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    position: int = 0  # position id of the next token
+
+
+class LLMEngine:
+    """Iteration-level (continuous) batching over an :class:`~ola_model.model.OlaModel`.
+
+    Args:
+        model: the model (its LLM part is used).
+        stop_ids: ids that end a request (not emitted).
+        max_batch: most requests decoding together; more wait in the queue.
+        max_context: prompt + max_new_tokens limit per request (checked in ``add``).
+    """
+
+    def __init__(self, model, stop_ids: Sequence[int], max_batch: int = 16, max_context: int | None = None) -> None:
+        if max_batch < 1:
+            raise InputError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model
+        self.stop_ids = set(stop_ids)
+        self.max_batch = max_batch
+        self.max_context = max_context or model.config.limits.max_context
+        self.vocab_limit = model.config.tokenizer_vocab_size
+        self._lock = threading.Lock()
+        self._waiting: list[_Request] = []
+        self._aborted: set[str] = set()
+        self._running: list[_Request] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # (B, T) 1 where the cache column is real for that row
+        self._next: torch.Tensor | None = None  # (B,) the last sampled token of each running row
+        self.steps = 0
+        self.batch_sizes: list[int] = []
+
+    # ------------------------------------------------------------------------------------------------ inbox
+    def add(self, request_id: str, prompt: torch.Tensor, params: SamplingParams = SamplingParams()) -> None:
+        """Queue a request: prompt embeddings (L, C). Raises LimitError if it cannot fit the context."""
+        if prompt.dim() != 2 or prompt.shape[0] == 0:
+            raise InputError(f"prompt must be (L>0, C) embeddings, got {tuple(prompt.shape)}")
+        total = prompt.shape[0] + params.max_new_tokens
+        if total > self.max_context:
+            raise LimitError("prompt + max_new_tokens", total, self.max_context, "lower max_new_tokens")
+        gen = None
+        if params.seed is not None:
+            gen = torch.Generator(device=self.model.device)
+            gen.manual_seed(params.seed)
+        with self._lock:
+            if any(r.request_id == request_id for r in self._waiting + self._running):
+                raise InputError(f"request id {request_id!r} is already in the engine")
+            self._aborted.discard(request_id)
+            self._waiting.append(_Request(request_id, prompt, params, gen))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its cache row is freed at the start of the next step (or it never starts)."""
+        with self._lock:
+            self._aborted.add(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._running or self._waiting)
+
+    def cache_tokens(self) -> int:
+        """Cache columns x rows currently held (0 when idle): what aborting or finishing frees."""
+        return 0 if self._mask is None else int(self._mask.numel())
+
+    # ------------------------------------------------------------------------------------------------- step
+    def step(self) -> list[StepOutput]:
+        """Drop aborted requests, admit waiting ones (prefill), decode one token for every running request."""
+        outputs: list[StepOutput] = []
+        with self._lock:
+            aborted, self._aborted = self._aborted, set()
+            kept_waiting = []
+            for r in self._waiting:
+                if r.request_id in aborted:
+                    outputs.append(StepOutput(r.request_id, None, True, "abort"))
+                else:
+                    kept_waiting.append(r)
+            self._waiting = kept_waiting
+            free = self.max_batch - len(self._running)
+            admitted, self._waiting = self._waiting[:free], self._waiting[free:]
+        drop = [i for i, r in enumerate(self._running) if r.request_id in aborted]
+        outputs += [StepOutput(self._running[i].request_id, None, True, "abort") for i in drop]
+        self._remove(drop)
+        with torch.inference_mode():
+            first_tokens = self._admit(admitted) if admitted else []
+            decoded = self._decode_running(skip=len(admitted)) if len(self._running) > len(admitted) else []
+        outputs += self._finish(decoded + first_tokens)
+        self.steps += 1
+        self.batch_sizes.append(len(self._running))
+        return outputs
+
+    def _admit(self, new: list[_Request]) -> list[tuple[int, int]]:
+        """Prefill ``new`` together, merge their caches into the batch; returns (row, first token) pairs."""
+        model = self.model
+        device, dtype = model.device, model.dtype
+        lengths = [r.prompt.shape[0] for r in new]
+        L = max(lengths)
+        C = new[0].prompt.shape[-1]
+        embeds = torch.zeros(len(new), L, C, dtype=dtype, device=device)
+        mask = torch.zeros(len(new), L, dtype=torch.long, device=device)
+        for b, r in enumerate(new):
+            embeds[b, L - lengths[b] :] = r.prompt.to(device=device, dtype=dtype)
+            mask[b, L - lengths[b] :] = 1
+            r.position = lengths[b]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            embeds, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True, logits_to_keep=1
+        )
+        new_layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        base = len(self._running)
+        if self._cache is None:
+            self._cache = DynamicCache(ddp_cache_data=new_layers)
+            self._mask = mask
+        else:
+            T = max(self._mask.shape[1], L)
+            old_layers = [(layer.keys, layer.values) for layer in self._cache.layers]
+            merged = [
+                (torch.cat([_left_pad(k0, T), _left_pad(k1, T)]), torch.cat([_left_pad(v0, T), _left_pad(v1, T)]))
+                for (k0, v0), (k1, v1) in zip(old_layers, new_layers, strict=True)
+            ]
+            self._cache = DynamicCache(ddp_cache_data=merged)
+            self._mask = torch.cat([F.pad(self._mask, (T - self._mask.shape[1], 0)), F.pad(mask, (T - L, 0))])
+        self._running += new
+        logits = out.logits[:, -1]  # (N, V)
+        return [(base + b, self._sample(r, logits[b])) for b, r in enumerate(new)]
+
+    def _decode_running(self, skip: int) -> list[tuple[int, int]]:
+        """One decode step for the rows that were running before this step's admissions."""
+        n = len(self._running) - skip  # the old rows come first in the batch
+        model = self.model
+        device = model.device
+        # Rows admitted this step already have their first token; run the old rows only, on a batch slice.
+        if skip:
+            cache = DynamicCache(ddp_cache_data=[(lay.keys[:n], lay.values[:n]) for lay in self._cache.layers])
+        else:
+            cache = self._cache
+        mask = torch.cat([self._mask[:n], torch.ones(n, 1, dtype=self._mask.dtype, device=device)], dim=1)
+        positions = torch.tensor([[r.position] for r in self._running[:n]], device=device)
+        embeds = model.embed_tokens(self._next[:n])[:, None]  # (n, 1, C)
+        out = model(embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        if skip:
+            # Extend the new rows' cache and mask by one padding column so the batch stays rectangular.
+            layers = []
+            for old, new in zip(out.cache.layers, self._cache.layers, strict=True):
+                pad_k = F.pad(new.keys[n:], (0, 0, 0, 1))
+                pad_v = F.pad(new.values[n:], (0, 0, 0, 1))
+                layers.append((torch.cat([old.keys, pad_k]), torch.cat([old.values, pad_v])))
+            self._cache = DynamicCache(ddp_cache_data=layers)
+            self._mask = torch.cat([mask, F.pad(self._mask[n:], (0, 1))])
+        else:
+            self._cache = out.cache
+            self._mask = mask
+        for r in self._running[:n]:
+            r.position += 1
+        logits = out.logits[:, -1]
+        return [(b, self._sample(self._running[b], logits[b])) for b in range(n)]
+
+    def _sample(self, r: _Request, logits: torch.Tensor) -> int:
+        processed = process_logits(logits[None], [r.generated], r.params, self.vocab_limit)
+        return int(select_tokens(processed, r.params, r.generator)[0])
+
+    def _finish(self, tokens: list[tuple[int, int]]) -> list[StepOutput]:
+        outputs, done = [], []
+        next_ids = torch.zeros(len(self._running), dtype=torch.long, device=self.model.device)
+        if self._next is not None:
+            keep = min(len(self._next), len(self._running))
+            next_ids[:keep] = self._next[:keep]
+        for row, tok in sorted(tokens):
+            r = self._running[row]
+            if tok in self.stop_ids:
+                outputs.append(StepOutput(r.request_id, None, True, "stop"))
+                done.append(row)
+                continue
+            r.generated.append(tok)
+            next_ids[row] = tok
+            finished = len(r.generated) >= r.params.max_new_tokens
+            outputs.append(StepOutput(r.request_id, tok, finished, "length" if finished else None))
+            if finished:
+                done.append(row)
+        self._next = next_ids
+        self._remove(done)
+        return outputs
+
+    def _remove(self, rows: list[int]) -> None:
+        """Free the cache rows of finished / aborted requests and trim columns only padding uses."""
+        if not rows:
+            return
+        keep = [i for i in range(len(self._running)) if i not in set(rows)]
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache, self._mask, self._next = None, None, None
+            return
+        idx = torch.tensor(keep, device=self._mask.device)
+        used = self._mask[idx].any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self._cache = DynamicCache(
+            ddp_cache_data=[(lay.keys[idx, :, start:], lay.values[idx, :, start:]) for lay in self._cache.layers]
+        )
+        self._mask = self._mask[idx, start:]
+        if self._next is not None:
+            self._next = self._next[idx]
+
+
+def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, H, length, D) with zeros before the existing columns."""
+    return F.pad(t, (0, 0, length - t.shape[-2], 0))
