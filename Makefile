@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint system venv install-dev install-all clean
+.PHONY: demo test lint protos system venv install-dev install-all clean
 
 system:
 	bash scripts/install-system.sh
@@ -41,8 +41,11 @@ demo: install-all
 test: install-all
 	$(PY) -m pytest -q
 
-lint: install-dev
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+lint: install-all
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(PY) scripts/gen_protos.py --check
+
+protos: install-all
+	$(PY) scripts/gen_protos.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
