@@ -257,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     for ep in entry_points(group="ola.cli"):
-        ep.load()(sub)
+        try:
+            ep.load()(sub)
+        except ImportError as exc:  # an optional part whose extras are not installed
+            log.debug("ola: commands of %s unavailable: %s", ep.name, exc)
     return parser
 
 
