@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# System packages the platform uses (Debian): espeak-ng speaks the demo's question and is the default TTS backend.
+# System packages the platform uses (Debian): espeak-ng is the default TTS backend and voices the synthetic speech
+# data; redis-server backs the encoder cache, sessions and rollout state (tests start their own on loopback).
 set -euo pipefail
-packages=(espeak-ng)
+packages=(espeak-ng redis-server)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi

@@ -1,0 +1,508 @@
+"""The ``ola.llm.v1.LLMService`` servicer (grpc.aio): embedding blocks spliced into a prompt, answers streamed.
+
+The service is modality-agnostic: the prompt (a conversation rendered in ChatML, prompt text, or token ids) has one
+placeholder per block, and the i-th placeholder is replaced by ``blocks[i]``
+(:func:`ola_model.prompt.assemble_embeddings`). Every request is checked before it reaches the engine: blocks of
+another model version (FAILED_PRECONDITION), malformed tensors, a placeholder / block count mismatch, out-of-range
+sampling parameters and a prompt plus ``max_new_tokens`` over the context (INVALID_ARGUMENT with the numbers).
+
+Decoding: one :class:`~ola_model.engine.LLMEngine` per model version (continuous batching: concurrent requests join
+and leave one running batch between steps, each with its own sampling parameters), driven by ONE asyncio task per
+servicer that calls ``engine.step()`` in a dedicated worker thread while any engine has work, so the event loop never
+blocks. Step outputs go to per-request queues; each ``Generate`` stream turns its tokens into text deltas
+(:class:`~ola_model.generation.IncrementalDetokenizer`). A cancelled call (client disconnect, deadline) aborts its
+engine request at once, which frees its KV-cache row at the next step.
+
+Construction::
+
+    servicer = LLMServicer.from_config({"registry": {...}, "max_batch": 16})
+    add_to_server(server, servicer)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ola_model.engine import LLMEngine, StepOutput
+from ola_model.generation import IncrementalDetokenizer, SamplingParams
+from ola_model.prompt import (
+    IMAGE_TOKEN_INDEX,
+    Message,
+    assemble_embeddings,
+    chatml,
+    placeholder_positions,
+    tokenize_prompt,
+)
+from services.errors import InvalidArgument, VersionMismatch, grpc_method
+from services.gen.ola.common.v1 import embedding_pb2, errors_pb2, sampling_pb2, usage_pb2
+from services.gen.ola.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.metrics import ServiceMetrics
+from services.registry import LoadedModel, ModelRegistry, ModelServiceBase, RegistryConfig
+from services.vision import duration
+from services.wire import tensor_from_proto
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
+
+_ROLES = {llm_pb2.ROLE_SYSTEM: "system", llm_pb2.ROLE_USER: "user", llm_pb2.ROLE_ASSISTANT: "assistant"}
+_MODALITY_NAMES = {
+    embedding_pb2.MODALITY_IMAGE: "image",
+    embedding_pb2.MODALITY_VIDEO: "video",
+    embedding_pb2.MODALITY_AUDIO: "audio",
+}
+_FINISH = {
+    "stop": sampling_pb2.FINISH_REASON_STOP,
+    "length": sampling_pb2.FINISH_REASON_LENGTH,
+    "abort": sampling_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+class LLMServiceConfig(BaseModel):
+    """Everything an :class:`LLMServicer` is built from (validated before any model loads)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    max_batch: int = Field(16, ge=1, description="Most requests decoding together per model version.")
+    default_max_new_tokens: int = Field(
+        1024, ge=1, description="max_new_tokens when a request leaves it unset (capped to the room left)."
+    )
+    max_blocks: int = Field(64, ge=0, description="Most embedding blocks in one request.")
+
+
+@dataclass
+class _Block:
+    embeddings: torch.Tensor  # (N, C)
+    modality: str  # image / video / audio
+    cache_hit: bool
+
+
+@dataclass
+class _EngineState:
+    """One model version's engine and the queues of its requests' streams."""
+
+    loaded: LoadedModel
+    engine: LLMEngine
+    streams: dict[str, asyncio.Queue] = field(default_factory=dict)
+
+
+def sampling_params(
+    msg: sampling_pb2.SamplingParams, default_max_new_tokens: int, room: int | None = None
+) -> SamplingParams:
+    """Proto sampling parameters -> :class:`SamplingParams` (Ola's defaults for unset fields).
+
+    ``room``: context positions left after the prompt; an unset ``max_new_tokens`` is capped to it.
+
+    Raises:
+        InvalidArgument: an out-of-range field, named ``sampling.<field>`` with the allowed range.
+    """
+    defaults = SamplingParams()
+    kw: dict[str, Any] = {}
+
+    def bad(name: str, value: float, allowed: str) -> InvalidArgument:
+        return InvalidArgument(f"must be {allowed}, got {value}", field=f"sampling.{name}")
+
+    if msg.HasField("temperature"):
+        if not math.isfinite(msg.temperature) or msg.temperature < 0:
+            raise bad("temperature", msg.temperature, ">= 0")
+        kw["temperature"] = float(msg.temperature)
+    if msg.HasField("top_k"):
+        kw["top_k"] = int(msg.top_k)
+    if msg.HasField("top_p"):
+        if not 0 < msg.top_p <= 1:
+            raise bad("top_p", msg.top_p, "in (0, 1]")
+        kw["top_p"] = float(msg.top_p)
+    if msg.HasField("repetition_penalty"):
+        if not math.isfinite(msg.repetition_penalty) or msg.repetition_penalty <= 0:
+            raise bad("repetition_penalty", msg.repetition_penalty, "> 0")
+        kw["repetition_penalty"] = float(msg.repetition_penalty)
+    if msg.HasField("max_new_tokens"):
+        if msg.max_new_tokens < 1:
+            raise bad("max_new_tokens", msg.max_new_tokens, ">= 1")
+        kw["max_new_tokens"] = int(msg.max_new_tokens)
+    else:
+        kw["max_new_tokens"] = max(1, min(default_max_new_tokens, room if room is not None else default_max_new_tokens))
+    if msg.HasField("seed"):
+        kw["seed"] = int(msg.seed)
+    return defaults.with_(**kw)
+
+
+class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
+    """Serves Generate / CountTokens for the versions of its registry.
+
+    Args:
+        config: the service config (registry, batch size, defaults).
+        registry, metrics: shared instances (one registry per process loads each version once).
+
+    ``max_batch_size`` (the largest running batch seen) and ``batch_sizes`` (recent per-step batch sizes) expose the
+    batching for tests and dashboards; the ``ola_llm_batch_size`` histogram has them too.
+    """
+
+    SERVICE_NAME = SERVICE_NAME
+    SERVICE_LABEL = "llm"
+
+    def __init__(
+        self,
+        config: LLMServiceConfig | None = None,
+        *,
+        registry: ModelRegistry | None = None,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.config = config or LLMServiceConfig()
+        super().__init__(registry or ModelRegistry(self.config.registry), metrics)
+        self._engines: dict[str, _EngineState] = {}
+        self._step_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-step")
+        self._driver: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
+        self.max_batch_size = 0
+
+    @classmethod
+    def from_config(cls, config: LLMServiceConfig | Mapping[str, Any] | None = None) -> LLMServicer:
+        if config is not None and not isinstance(config, LLMServiceConfig):
+            config = LLMServiceConfig.model_validate(config)
+        return cls(config)
+
+    def engine(self, version: str = "") -> LLMEngine | None:
+        """The engine of a model version ("" = default), if it has been started."""
+        state = self._engines.get(self.registry.resolve(version))
+        return state.engine if state else None
+
+    # ------------------------------------------------------------------------------------------------ engines
+    def _state(self, loaded: LoadedModel) -> _EngineState:
+        state = self._engines.get(loaded.version)
+        if state is None:
+            state = self._engines[loaded.version] = _EngineState(loaded, self._new_engine(loaded))
+        return state
+
+    def _new_engine(self, loaded: LoadedModel) -> LLMEngine:
+        limits = loaded.pipeline.config.limits
+        return LLMEngine(
+            loaded.model, loaded.pipeline.stop_ids, max_batch=self.config.max_batch, max_context=limits.max_context
+        )
+
+    def _ensure_driver(self) -> asyncio.Event:
+        loop = asyncio.get_running_loop()
+        if self._driver is None or self._driver.done() or self._driver.get_loop() is not loop:
+            self._wake = asyncio.Event()
+            self._driver = loop.create_task(self._drive(), name="llm-engine-driver")
+            self._driver.add_done_callback(self._driver_done)
+        assert self._wake is not None
+        return self._wake
+
+    async def _drive(self) -> None:
+        """The one loop that steps every engine with work; idles on ``_wake`` otherwise."""
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            busy = [s for s in self._engines.values() if s.engine.has_work()]
+            if not busy:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            for state in busy:
+                try:
+                    outputs = await loop.run_in_executor(self._step_executor, state.engine.step)
+                except Exception as exc:
+                    log.exception("engine step of %s failed; failing its requests", state.loaded.version)
+                    self._fail(state, exc)
+                    state.engine = self._new_engine(state.loaded)  # its batch state is unknown now
+                    continue
+                self._after_step(state, outputs)
+
+    def _after_step(self, state: _EngineState, outputs: list[StepOutput]) -> None:
+        engine = state.engine
+        engine.batch_sizes.clear()  # the engine keeps every step's size; the service keeps a bounded window
+        size = sum(1 for o in outputs if o.finish_reason != "abort")  # requests decoded in this step
+        self.batch_sizes.append(size)
+        self.max_batch_size = max(self.max_batch_size, size)
+        self.metrics.engine_step(state.loaded.version, size, engine.num_running, engine.num_waiting)
+        for out in outputs:
+            queue = state.streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail(self, state: _EngineState, exc: BaseException) -> None:
+        for queue in state.streams.values():
+            queue.put_nowait(exc)
+
+    def _driver_done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("the engine driver stopped", exc_info=exc)
+            for state in self._engines.values():
+                self._fail(state, exc)
+
+    async def close(self) -> None:
+        """Stop the driver and the step thread (running requests end with an error)."""
+        if self._driver is not None:
+            self._driver.cancel()
+            try:
+                await self._driver
+            except asyncio.CancelledError:
+                pass
+            self._driver = None
+        for state in self._engines.values():
+            self._fail(state, RuntimeError("the LLM service is shutting down"))
+        self._step_executor.shutdown(wait=False, cancel_futures=True)
+
+    # -------------------------------------------------------------------------------------------------- prompts
+    def _text(self, request: Any) -> str | None:
+        """The prompt text of a conversation / prompt_text request; None for token ids."""
+        kind = request.WhichOneof("prompt")
+        if kind == "conversation":
+            messages = []
+            for i, m in enumerate(request.conversation.messages):
+                if m.role not in _ROLES:
+                    raise InvalidArgument(
+                        "role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT",
+                        field=f"conversation.messages[{i}].role",
+                    )
+                if m.role == llm_pb2.ROLE_SYSTEM and i > 0:
+                    raise InvalidArgument(
+                        "a system message may only come first", field=f"conversation.messages[{i}].role"
+                    )
+                messages.append(Message(_ROLES[m.role], m.content))
+            if not messages:
+                raise InvalidArgument("the conversation has no messages", field="conversation.messages")
+            return chatml(messages)
+        if kind == "prompt_text":
+            if not request.prompt_text:
+                raise InvalidArgument("the prompt text is empty", field="prompt_text")
+            return request.prompt_text
+        if kind == "token_ids":
+            return None
+        raise InvalidArgument("set one of conversation, prompt_text or token_ids", field="prompt")
+
+    def _prompt_ids(self, request: Any, loaded: LoadedModel) -> list[int]:
+        """Token ids with every placeholder as IMAGE_TOKEN_INDEX (the service fills them in order, whatever kind).
+
+        Runs on the event loop thread: the tokenizer is not safe to share between threads.
+        """
+        text = self._text(request)
+        if text is not None:
+            ids = tokenize_prompt(text, loaded.tokenizer)
+        else:
+            vocab = len(loaded.tokenizer)
+            ids = list(request.token_ids.ids)
+            if not ids:
+                raise InvalidArgument("no token ids", field="token_ids.ids")
+            for i, t in enumerate(ids):
+                if t >= vocab:
+                    raise InvalidArgument(
+                        f"token id {t} is not in the tokenizer (ids < {vocab})",
+                        field=f"token_ids.ids[{i}]",
+                        value=t,
+                        limit=vocab - 1,
+                    )
+        if not ids:
+            raise InvalidArgument("the prompt is empty", field="prompt")
+        return [IMAGE_TOKEN_INDEX if t < 0 else t for t in ids]
+
+    def _blocks(self, request: llm_pb2.GenerateRequest, loaded: LoadedModel) -> list[_Block]:
+        """Decode and check every block (version, modality, shape, width, finiteness)."""
+        if len(request.blocks) > self.config.max_blocks:
+            raise InvalidArgument(
+                f"{len(request.blocks)} blocks is over the limit of {self.config.max_blocks}",
+                field="blocks",
+                value=len(request.blocks),
+                limit=self.config.max_blocks,
+            )
+        width = loaded.pipeline.config.llm.hidden_size
+        blocks = []
+        for i, b in enumerate(request.blocks):
+            where = f"blocks[{i}]"
+            if b.model_version and b.model_version != loaded.version:
+                raise VersionMismatch(
+                    f"the block comes from model version {b.model_version!r} but the request decodes with "
+                    f"{loaded.version!r}; projectors are tied to their checkpoint, so encode with the same version",
+                    field=f"{where}.model_version",
+                )
+            if b.modality not in _MODALITY_NAMES:
+                raise InvalidArgument(
+                    "modality must be MODALITY_IMAGE, MODALITY_VIDEO or MODALITY_AUDIO", field=f"{where}.modality"
+                )
+            try:
+                tensor = tensor_from_proto(b.embeddings, f"{where}.embeddings")
+            except ValueError as exc:
+                raise InvalidArgument(str(exc), field=f"{where}.embeddings") from exc
+            if not tensor.is_floating_point() or tensor.dim() != 2 or tensor.shape[0] == 0 or tensor.shape[1] != width:
+                raise InvalidArgument(
+                    f"must be floating-point of shape (num_tokens > 0, {width}), got {tensor.dtype} "
+                    f"{list(tensor.shape)}",
+                    field=f"{where}.embeddings",
+                )
+            if b.num_tokens != tensor.shape[0]:
+                raise InvalidArgument(
+                    f"num_tokens is {b.num_tokens} but the embeddings have {tensor.shape[0]} rows",
+                    field=f"{where}.num_tokens",
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise InvalidArgument("the embeddings contain NaN or infinite values", field=f"{where}.embeddings")
+            blocks.append(_Block(tensor, _MODALITY_NAMES[b.modality], b.cache_hit))
+        return blocks
+
+    @staticmethod
+    def _check_placeholders(ids: list[int], num_blocks: int, field: str) -> int:
+        placeholders = len(placeholder_positions(ids))
+        if placeholders != num_blocks:
+            raise InvalidArgument(
+                f"the prompt has {placeholders} placeholders but {num_blocks} blocks were given; "
+                "each placeholder needs exactly one block, in order",
+                field=field,
+                value=num_blocks,
+                limit=placeholders,
+            )
+        return placeholders
+
+    @staticmethod
+    def _check_context(sizes: dict[str, int], max_new_tokens: int, max_context: int) -> None:
+        prompt = sum(sizes.values())
+        if prompt + max_new_tokens > max_context:
+            raise InvalidArgument(
+                f"the prompt takes {prompt} positions (text {sizes['text']}, image {sizes['image']}, video "
+                f"{sizes['video']}, audio {sizes['audio']}) + max_new_tokens {max_new_tokens} = "
+                f"{prompt + max_new_tokens}, over the model's context of {max_context}; use fewer video frames, "
+                "shorter audio, fewer images or a smaller max_new_tokens",
+                field="context",
+                value=prompt + max_new_tokens,
+                limit=max_context,
+                unit="tokens",
+                reason=errors_pb2.ERROR_REASON_CONTEXT_OVERFLOW,
+            )
+
+    @staticmethod
+    def _assemble(loaded: LoadedModel, ids: list[int], blocks: list[_Block]) -> torch.Tensor:
+        model = loaded.model
+        dev, dtype = model.device, model.dtype
+        with torch.inference_mode():
+            return assemble_embeddings(
+                ids,
+                [b.embeddings.to(device=dev, dtype=dtype) for b in blocks],  # the model's dtype, not the wire's
+                [],
+                lambda t: model.embed_tokens(t.to(dev)),
+            )
+
+    # --------------------------------------------------------------------------------------------------- RPCs
+    @grpc_method
+    async def Generate(
+        self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        start = time.perf_counter()
+        loaded = await self.registry.aget(request.model_version)
+        version = loaded.version
+        ids = self._prompt_ids(request, loaded)
+        blocks = await asyncio.to_thread(self._blocks, request, loaded)
+        num_placeholders = self._check_placeholders(ids, len(blocks), "blocks")
+        sizes = {"text": len(ids) - num_placeholders, "image": 0, "video": 0, "audio": 0}
+        for b in blocks:
+            sizes[b.modality] += b.embeddings.shape[0]
+        max_context = loaded.pipeline.config.limits.max_context
+        params = sampling_params(
+            request.sampling, self.config.default_max_new_tokens, room=max_context - sum(sizes.values())
+        )
+        self._check_context(sizes, params.max_new_tokens, max_context)
+        embeds = await asyncio.to_thread(self._assemble, loaded, ids, blocks)
+
+        state = self._state(loaded)
+        rid = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        wake = self._ensure_driver()
+        state.streams[rid] = queue
+        finished = False
+        try:
+            state.engine.add(rid, embeds, params)
+            wake.set()
+            detok = IncrementalDetokenizer(loaded.tokenizer)
+            first_token_at: float | None = None
+            last_token_at = start
+            pending: list[int] = []
+            completion = 0
+            sent_any = False
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                delta = ""
+                if out.token_id is not None:
+                    now = time.perf_counter()
+                    if first_token_at is None:
+                        first_token_at = now
+                        self.metrics.time_to_first_token.labels(self.SERVICE_LABEL, version).observe(now - start)
+                    last_token_at = now
+                    completion += 1
+                    delta = detok.push(out.token_id)
+                    pending.append(out.token_id)
+                response = llm_pb2.GenerateResponse(text_delta=delta)
+                if request.return_token_ids:
+                    response.token_ids.extend(pending)
+                if not sent_any:
+                    response.model_version = version
+                if out.finished:
+                    finished = True
+                    response.finish_reason = _FINISH.get(out.finish_reason or "", sampling_pb2.FINISH_REASON_STOP)
+                    end = time.perf_counter()
+                    timings = usage_pb2.Timings(total=duration(end - start))
+                    if first_token_at is not None:
+                        timings.time_to_first_token.CopyFrom(duration(first_token_at - start))
+                        timings.decode.CopyFrom(duration(last_token_at - first_token_at))
+                    response.usage.CopyFrom(
+                        usage_pb2.Usage(
+                            prompt_tokens=usage_pb2.PromptTokens(total=sum(sizes.values()), **sizes),
+                            completion_tokens=completion,
+                            cached_blocks=sum(b.cache_hit for b in blocks),
+                            timings=timings,
+                        )
+                    )
+                    yield response
+                    return
+                if delta or (request.return_token_ids and pending):
+                    pending = []
+                    sent_any = True
+                    yield response
+        finally:
+            state.streams.pop(rid, None)
+            if not finished:  # cancelled (client gone, deadline) or failed: free the cache row now
+                state.engine.abort(rid)
+                wake.set()
+
+    @grpc_method
+    async def CountTokens(
+        self, request: llm_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> llm_pb2.CountTokensResponse:
+        loaded = await self.registry.aget(request.model_version)
+        ids = self._prompt_ids(request, loaded)
+        placeholders = self._check_placeholders(ids, len(request.block_num_tokens), "block_num_tokens")
+        text = len(ids) - placeholders
+        prompt = text + sum(request.block_num_tokens)
+        max_context = loaded.pipeline.config.limits.max_context
+        return llm_pb2.CountTokensResponse(
+            model_version=loaded.version,
+            text_tokens=text,
+            num_placeholders=placeholders,
+            prompt_tokens=prompt,
+            max_context=max_context,
+            fits=prompt + request.max_new_tokens <= max_context,
+        )
+
+
+def add_to_server(server: grpc.aio.Server, servicer: LLMServicer, health_servicer: Any = None) -> Any:
+    """Register the LLM service and its grpc.health.v1 status on ``server``; returns the health servicer."""
+    llm_pb2_grpc.add_LLMServiceServicer_to_server(servicer, server)
+    return servicer.attach_health(server, health_servicer)
