@@ -189,20 +189,27 @@ def generate_ids(
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of ids into text deltas, holding back incomplete UTF-8 sequences."""
+    """Turns a growing list of ids into text deltas, holding back incomplete UTF-8 sequences.
+
+    Each push decodes only the ids since the last emitted delta plus the ones before it (for context-dependent
+    merges), so the cost per token stays constant however long the answer grows.
+    """
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.text = ""
+        self._prefix = 0  # start of the decoding window
+        self._read = 0  # ids up to here are already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        text = decode(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing new, or a multi-byte char incomplete
             return ""
-        delta, self.text = text[len(self.text) :], text
-        return delta
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(before) :]
 
 
 def stream_text(
