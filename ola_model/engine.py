@@ -173,8 +173,8 @@ class LLMEngine:
             self._cache = DynamicCache(ddp_cache_data=merged)
             self._mask = torch.cat([F.pad(self._mask, (T - self._mask.shape[1], 0)), F.pad(mask, (T - L, 0))])
         self._running += new
-        logits = out.logits[:, -1]  # (N, V)
-        return [(base + b, self._sample(r, logits[b])) for b, r in enumerate(new)]
+        tokens = self._sample_rows(new, out.logits[:, -1])  # logits (N, V)
+        return [(base + b, tok) for b, tok in enumerate(tokens)]
 
     def _decode_running(self, skip: int) -> list[tuple[int, int]]:
         """One decode step for the rows that were running before this step's admissions."""
@@ -204,12 +204,23 @@ class LLMEngine:
             self._mask = mask
         for r in self._running[:n]:
             r.position += 1
-        logits = out.logits[:, -1]
-        return [(b, self._sample(self._running[b], logits[b])) for b in range(n)]
+        return list(enumerate(self._sample_rows(self._running[:n], out.logits[:, -1])))
 
-    def _sample(self, r: _Request, logits: torch.Tensor) -> int:
-        processed = process_logits(logits[None], [r.generated], r.params, self.vocab_limit)
-        return int(select_tokens(processed, r.params, r.generator)[0])
+    def _sample_rows(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
+        """Next token of each row from its logits (n, V). Plain greedy rows share one batched argmax."""
+        tokens: list[int] = [0] * len(rows)
+        plain = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0]
+        plain_set = set(plain)
+        if plain:
+            idx = torch.tensor(plain, device=logits.device)
+            ids = logits[idx, : self.vocab_limit].argmax(dim=-1).tolist()  # ids >= vocab_limit are never chosen
+            for i, tok in zip(plain, ids, strict=True):
+                tokens[i] = tok
+        for i, r in enumerate(rows):
+            if i not in plain_set:
+                processed = process_logits(logits[i : i + 1], [r.generated], r.params, self.vocab_limit)
+                tokens[i] = int(select_tokens(processed, r.params, r.generator)[0])
+        return tokens
 
     def _finish(self, tokens: list[tuple[int, int]]) -> list[StepOutput]:
         outputs, done = [], []

@@ -436,19 +436,25 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
             completion = 0
             sent_any = False
             while True:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                delta = ""
-                if out.token_id is not None:
-                    now = time.perf_counter()
-                    if first_token_at is None:
-                        first_token_at = now
-                        self.metrics.time_to_first_token.labels(self.SERVICE_LABEL, version).observe(now - start)
-                    last_token_at = now
-                    completion += 1
-                    delta = detok.push(out.token_id)
-                    pending.append(out.token_id)
+                # Coalesce: everything the engine produced for this stream since the last send goes in one
+                # message, so a busy server sends fewer, larger messages instead of falling behind.
+                outs = [await queue.get()]
+                while not queue.empty() and not isinstance(outs[-1], BaseException) and not outs[-1].finished:
+                    outs.append(queue.get_nowait())
+                parts: list[str] = []
+                for out in outs:
+                    if isinstance(out, BaseException):
+                        raise out
+                    if out.token_id is not None:
+                        now = time.perf_counter()
+                        if first_token_at is None:
+                            first_token_at = now
+                            self.metrics.time_to_first_token.labels(self.SERVICE_LABEL, version).observe(now - start)
+                        last_token_at = now
+                        completion += 1
+                        parts.append(detok.push(out.token_id))
+                        pending.append(out.token_id)
+                delta = "".join(parts)
                 response = llm_pb2.GenerateResponse(text_delta=delta)
                 if request.return_token_ids:
                     response.token_ids.extend(pending)
