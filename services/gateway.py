@@ -272,8 +272,10 @@ class OmniGateway:
                 )
                 try:
                     async for resp in self.backends.synthesize(tts_req, remaining()):
-                        clock.mark("first_audio")
                         chunk = resp.chunk
+                        if not chunk.pcm16 and not chunk.is_last:
+                            continue  # a status carrier (Serve ends failed streams with an empty message)
+                        clock.mark("first_audio")
                         state["audio_s"] += len(chunk.pcm16) / 2 / max(chunk.sample_rate_hz, 1)
                         await out.put(
                             event(
@@ -322,7 +324,7 @@ class OmniGateway:
         text = "".join(state["text"])
         usage = self._usage(state, clock)
         if self.metrics is not None:
-            self.metrics.observe_chat(clock.marks)
+            self.metrics.observe_chat(version, clock.marks)  # services.metrics.ServiceMetrics
         yield event(usage=usage)
         yield event(
             final=omni_pb2.ChatFinal(finish_reason=state["finish"], text=text, num_sentences=state["n_sentences"])

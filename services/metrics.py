@@ -103,6 +103,13 @@ class ServiceMetrics:
             self.errors.labels(service, method, code).inc()
         self.latency.labels(service, method).observe(seconds)
 
+    def observe_chat(self, model_version: str, marks: dict[str, float]) -> None:
+        """The gateway's per-chat latencies: seconds from the request to its first text and first audio."""
+        if "first_token" in marks:
+            self.time_to_first_token.labels("omni", model_version).observe(marks["first_token"])
+        if "first_audio" in marks:
+            self.time_to_first_audio.labels("omni", model_version).observe(marks["first_audio"])
+
     def cache_lookup(self, service: str, kind: str, hit: bool) -> None:
         self.cache_lookups.labels(service, kind, "hit" if hit else "miss").inc()
 

@@ -15,6 +15,7 @@ from services.gen.ola.common.v1 import media_pb2, sampling_pb2
 from services.gen.ola.omni.v1 import omni_pb2, omni_pb2_grpc
 from services.llm import LLMServiceConfig, LLMServicer
 from services.llm import add_to_server as add_llm
+from services.metrics import get_metrics
 from services.tts.servicer import TTSServicer, build_server
 from services.vision import VisionEncoderServicer
 from services.vision import add_to_server as add_vision
@@ -35,7 +36,9 @@ def stack(aio, registry, version):
 
     async def make_gateway():
         backends = GrpcBackends(*(f"127.0.0.1:{p}" for p in (model_port, model_port, model_port, tts_port)))
-        return OmniGateway(backends, GatewayConfig(default_model_version=version, sentence_min_chars=1))
+        return OmniGateway(
+            backends, GatewayConfig(default_model_version=version, sentence_min_chars=1), metrics=get_metrics()
+        )
 
     gateway = aio.run(make_gateway())
     port = aio.serve(lambda server: omni_pb2_grpc.add_OmniServiceServicer_to_server(OmniServicer(gateway), server))
@@ -94,6 +97,13 @@ def test_chat_streams_text_then_speech_in_order(stack, media, tiny_pipeline):
     assert usage.prompt_tokens.image == image_num_tokens(64, 48) == 165  # low-res view upscaled to 384x384
     assert usage.completion_tokens > 0 and usage.audio_output_seconds > 0.2
     assert usage.timings.time_to_first_audio.ToNanoseconds() >= usage.timings.time_to_first_token.ToNanoseconds()
+    assert (
+        get_metrics().sample_value(
+            "ola_time_to_first_audio_seconds_count",
+            {"service": "omni", "model_version": events[0].started.model_version},
+        )
+        >= 1
+    )
 
 
 def test_video_question_uses_the_video_and_its_audio_track(stack, media):
