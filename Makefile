@@ -36,7 +36,7 @@ install-dev: $(VENV)/.dev-installed
 install-all: system $(VENV)/.all-installed
 
 demo: install-all
-	$(VENV)/bin/ola demo --out $(DEMO_DIR) "$(QUESTION)"
+	DEMO_DIR=$(DEMO_DIR) bash scripts/demo.sh "$(QUESTION)"
 
 test: install-all
 	$(PY) -m pytest -q

@@ -149,7 +149,7 @@ class Speech:
         if self.sample_rate_hz and rate and rate != self.sample_rate_hz:
             raise ValueError(f"speech chunks at {rate} Hz after {self.sample_rate_hz} Hz; one rate per answer")
         self.sample_rate_hz = self.sample_rate_hz or rate
-        if chunk.sentence_text:
+        if len(self.sentences) <= chunk.sentence_index:  # every chunk of a sentence carries its text; keep it once
             self.sentences.append(chunk.sentence_text)
         self.pcm16 += chunk.audio.pcm16
 

@@ -280,3 +280,17 @@ def test_errors_name_the_code_reason_field_and_limit():
     assert text.startswith("INVALID_ARGUMENT: max_frames: 80 frames") and "field max_frames" in text
     assert "value 80 over the limit 64 frames" in text
     assert read_error_detail([("other", b"x")]) is None
+
+
+def test_speech_keeps_each_sentence_once_however_many_chunks_it_has():
+    from services.client import Speech
+    from services.gen.ola.common.v1 import audio_chunk_pb2
+    from services.gen.ola.omni.v1 import omni_pb2
+
+    speech = Speech()
+    for index, text, n in [(0, "One.", 3), (1, "Two.", 2)]:
+        for i in range(n):
+            audio = audio_chunk_pb2.AudioChunk(pcm16=b"\x00\x01" * 10, sample_rate_hz=16000, chunk_index=i)
+            speech.add(omni_pb2.SpeechChunk(sentence_index=index, sentence_text=text, audio=audio))
+    assert speech.sentences == ["One.", "Two."]
+    assert speech.duration_s == 5 * 10 / 16000
