@@ -18,7 +18,6 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -35,13 +34,12 @@ from ola_model.processing.audio import (
     load_audio,
     process_audio,
 )
-from services.cache import CacheConfig, CachedBlock, EncoderCache, cache_key, make_cache
+from services.cache import CacheConfig, CachedBlock, cache_key
 from services.errors import InvalidArgument, at_field, grpc_method
 from services.gen.ola.audio.v1 import audio_pb2, audio_pb2_grpc
 from services.gen.ola.common.v1 import embedding_pb2, errors_pb2, usage_pb2
-from services.media import MediaConfig, MediaResolver, ResolvedMedia
-from services.metrics import ServiceMetrics
-from services.registry import LoadedModel, ModelRegistry, RegistryConfig
+from services.media import MediaConfig, ResolvedMedia
+from services.registry import LoadedModel, RegistryConfig
 from services.vision import EncoderServicerBase, duration, output_dtype
 
 log = logging.getLogger(__name__)
@@ -102,30 +100,7 @@ class AudioEncoderServicer(EncoderServicerBase, audio_pb2_grpc.AudioEncoderServi
 
     SERVICE_NAME = SERVICE_NAME
     SERVICE_LABEL = "audio"
-
-    def __init__(
-        self,
-        config: AudioServiceConfig | None = None,
-        *,
-        registry: ModelRegistry | None = None,
-        cache: EncoderCache | None = None,
-        media: MediaResolver | None = None,
-        metrics: ServiceMetrics | None = None,
-    ) -> None:
-        self.config = config or AudioServiceConfig()
-        super().__init__(
-            registry or ModelRegistry(self.config.registry),
-            cache or make_cache(self.config.cache),
-            media or MediaResolver(self.config.media),
-            metrics,
-            self.config.encode_threads,
-        )
-
-    @classmethod
-    def from_config(cls, config: AudioServiceConfig | Mapping[str, Any] | None = None) -> AudioEncoderServicer:
-        if config is not None and not isinstance(config, AudioServiceConfig):
-            config = AudioServiceConfig.model_validate(config)
-        return cls(config)
+    config_class = AudioServiceConfig
 
     @grpc_method
     async def EncodeAudio(

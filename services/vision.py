@@ -77,20 +77,32 @@ def output_dtype(value: int, native: torch.dtype, field: str = "output_dtype") -
 class EncoderServicerBase(ModelServiceBase):
     """What the encoder servicers share: model versions, media resolution, the cache and block protos."""
 
+    config_class: type[BaseModel]  # the subclass's service config (fields registry, cache, media, encode_threads)
+
     def __init__(
         self,
-        registry: ModelRegistry,
-        cache: EncoderCache,
-        media: MediaResolver,
+        config: BaseModel | None = None,
+        *,
+        registry: ModelRegistry | None = None,
+        cache: EncoderCache | None = None,
+        media: MediaResolver | None = None,
         metrics: ServiceMetrics | None = None,
-        encode_threads: int = 1,
     ) -> None:
-        super().__init__(registry, metrics)
-        self.cache = cache
-        self.media = media
+        self.config = config or self.config_class()
+        super().__init__(registry or ModelRegistry(self.config.registry), metrics)
+        self.cache = cache or make_cache(self.config.cache)
+        self.media = media or MediaResolver(self.config.media)
+        encode_threads = self.config.encode_threads
         # Encoder calls of concurrent requests take turns on a small pool: running many at once on a replica's CPU
         # or GPU only oversubscribes it. Media decoding runs in the default executor, in parallel.
         self._encode_executor = ThreadPoolExecutor(max_workers=encode_threads, thread_name_prefix="encoder")
+
+    @classmethod
+    def from_config(cls, config: BaseModel | Mapping[str, Any] | None = None):
+        """Build from a config object or a plain mapping (validated)."""
+        if config is not None and not isinstance(config, cls.config_class):
+            config = cls.config_class.model_validate(config)
+        return cls(config)
 
     async def _lookup(self, key: str, kind: str) -> CachedBlock | None:
         block = await self.cache.get(key)
@@ -148,30 +160,7 @@ class VisionEncoderServicer(EncoderServicerBase, vision_pb2_grpc.VisionEncoderSe
 
     SERVICE_NAME = SERVICE_NAME
     SERVICE_LABEL = "vision"
-
-    def __init__(
-        self,
-        config: VisionServiceConfig | None = None,
-        *,
-        registry: ModelRegistry | None = None,
-        cache: EncoderCache | None = None,
-        media: MediaResolver | None = None,
-        metrics: ServiceMetrics | None = None,
-    ) -> None:
-        self.config = config or VisionServiceConfig()
-        super().__init__(
-            registry or ModelRegistry(self.config.registry),
-            cache or make_cache(self.config.cache),
-            media or MediaResolver(self.config.media),
-            metrics,
-            self.config.encode_threads,
-        )
-
-    @classmethod
-    def from_config(cls, config: VisionServiceConfig | Mapping[str, Any] | None = None) -> VisionEncoderServicer:
-        if config is not None and not isinstance(config, VisionServiceConfig):
-            config = VisionServiceConfig.model_validate(config)
-        return cls(config)
+    config_class = VisionServiceConfig
 
     # ------------------------------------------------------------------------------------------------ images
     @grpc_method
