@@ -45,6 +45,8 @@ import grpc
 
 from ola_model.errors import CheckpointError, InputError, LimitError, MediaError
 from services.gen.ola.common.v1 import errors_pb2
+from services.tts.backend import BackendUnavailable as TTSBackendUnavailable
+from services.tts.backend import SynthesisError, TTSInputError
 from services.wire import error_detail, error_metadata, read_error_detail
 
 log = logging.getLogger(__name__)
@@ -194,6 +196,14 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, errors_pb2.ErrorDeta
         return grpc.StatusCode.INVALID_ARGUMENT, error_detail(
             errors_pb2.ERROR_REASON_INVALID_FIELD, _with_field(field, str(exc)), field
         )
+    if isinstance(exc, TTSInputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, error_detail(
+            errors_pb2.ERROR_REASON_INVALID_FIELD, _with_field(exc.field, str(exc)), exc.field
+        )
+    if isinstance(exc, TTSBackendUnavailable):
+        return grpc.StatusCode.FAILED_PRECONDITION, error_detail(errors_pb2.ERROR_REASON_BACKEND_UNAVAILABLE, str(exc))
+    if isinstance(exc, SynthesisError):
+        return grpc.StatusCode.INTERNAL, error_detail(0, f"speech synthesis failed: {exc}")
     if isinstance(exc, CheckpointError):
         return grpc.StatusCode.FAILED_PRECONDITION, error_detail(
             errors_pb2.ERROR_REASON_BACKEND_UNAVAILABLE, f"the model cannot be loaded: {exc}"

@@ -18,38 +18,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.gen.ola.common.v1 import audio_chunk_pb2, errors_pb2
+from services.errors import UnknownModelVersion, status_of
+from services.gen.ola.common.v1 import audio_chunk_pb2
 from services.gen.ola.tts.v1 import tts_pb2, tts_pb2_grpc
 from services.tts.backend import BackendUnavailable, SynthesisError, TTSBackend, TTSInputError
 from services.tts.registry import TTSConfig, make_backend
-from services.wire import error_detail, error_metadata
+from services.wire import error_metadata
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = tts_pb2.DESCRIPTOR.services_by_name["TTSService"].full_name  # "ola.tts.v1.TTSService"
-
-
-class UnknownModelVersion(LookupError):
-    """The request names a model version this deployment does not serve."""
-
-    grpc_code = "NOT_FOUND"
-
-
-def status_of(exc: Exception) -> tuple[grpc.StatusCode, errors_pb2.ErrorDetail]:
-    """The gRPC status code and error detail of an exception raised while serving a TTS request."""
-    if isinstance(exc, TTSInputError):
-        return grpc.StatusCode.INVALID_ARGUMENT, error_detail(
-            errors_pb2.ERROR_REASON_INVALID_FIELD, str(exc), field=exc.field
-        )
-    if isinstance(exc, UnknownModelVersion):
-        return grpc.StatusCode.NOT_FOUND, error_detail(
-            errors_pb2.ERROR_REASON_UNKNOWN_MODEL_VERSION, str(exc), field="model_version"
-        )
-    if isinstance(exc, BackendUnavailable):
-        return grpc.StatusCode.FAILED_PRECONDITION, error_detail(errors_pb2.ERROR_REASON_BACKEND_UNAVAILABLE, str(exc))
-    return grpc.StatusCode.INTERNAL, error_detail(
-        errors_pb2.ERROR_REASON_UNSPECIFIED, f"speech synthesis failed: {exc}"
-    )
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
@@ -90,7 +68,7 @@ class TTSServicer(tts_pb2_grpc.TTSServiceServicer):
     def _ready(self, model_version: str) -> TTSBackend:
         if self.model_versions is not None and model_version and model_version not in self.model_versions:
             raise UnknownModelVersion(
-                f"model_version: {model_version!r} is not served here; served: {sorted(self.model_versions)}"
+                f"{model_version!r} is not served here; served: {sorted(self.model_versions)}", field="model_version"
             )
         if self.backend is None:
             assert self.unavailable is not None
