@@ -2,9 +2,7 @@
 
 - ``tiny_checkpoint``: the seeded tiny model of ``tests/conftest.py`` saved in the Ola layout with its tokenizer, so
   the services load it through the registry and the tests can compare against the model itself;
-- ``redis_url``: a real ``redis-server`` on a free loopback port (apt package ``redis-server``), started and stopped
-  here, without persistence;
-- ``s3``: a moto S3 server (pip ``moto[server]``) on a free loopback port, with a bucket;
+- ``redis_url`` and ``s3`` (real servers on loopback) come from ``tests/conftest.py``;
 - ``aio``: one background event loop running every grpc.aio server of the session; tests talk to them with plain
   synchronous gRPC channels over loopback, which also lets them cancel calls and run calls from several threads.
 """
@@ -14,14 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,37 +21,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-
-_SERVER_START_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(check: Callable[[], bool], what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + _SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode}")
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start within {_SERVER_START_TIMEOUT_S} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -82,72 +42,6 @@ def registry(tiny_checkpoint: Path):
     return ModelRegistry(
         RegistryConfig(versions={VERSION: ModelSource(checkpoint=tiny_checkpoint)}, default_version=VERSION)
     )
-
-
-# ------------------------------------------------------------------------------------------------ servers
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install -y --no-install-recommends redis-server)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-
-        def ping() -> bool:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-
-        _wait(ping, "redis-server", proc)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        _stop(proc)
-
-
-@dataclass
-class S3Server:
-    endpoint_url: str
-    bucket: str
-    client: Any  # boto3 S3 client
-
-    def put(self, key: str, data: bytes) -> str:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
-        return f"s3://{self.bucket}/{key}"
-
-    def config(self):
-        from services.media import S3Config
-
-        return S3Config(endpoint_url=self.endpoint_url, access_key_id="test", secret_access_key="test")
-
-
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3Server]:
-    binary = Path(sys.executable).with_name("moto_server")
-    if not binary.exists():
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
-    import boto3
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-    proc = subprocess.Popen(
-        [str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    )
-    try:
-        _wait(lambda: urllib.request.urlopen(endpoint, timeout=0.5).status == 200, "moto_server", proc)
-        client = boto3.client(
-            "s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1"
-        )
-        client.create_bucket(Bucket="media")
-        yield S3Server(endpoint, "media", client)
-    finally:
-        _stop(proc)
 
 
 class AioLoop:
