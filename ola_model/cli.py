@@ -47,12 +47,17 @@ def _add_media(p: argparse.ArgumentParser) -> None:
 
 
 def _pipeline(args: argparse.Namespace):
+    from ola_model.demo import demo_checkpoint_dir, has_demo_model
     from ola_model.inference import OlaPipeline
 
     if args.checkpoint is not None:
         return OlaPipeline.from_checkpoint(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype], progress=True)
-    log.warning("no --checkpoint: using a randomly initialised %s model (its answers are noise)", args.preset)
-    return OlaPipeline.from_preset(args.preset, seed=args.init_seed, device=args.device)
+    if args.preset is None:
+        if has_demo_model():
+            return OlaPipeline.from_checkpoint(demo_checkpoint_dir(), device=args.device)
+    preset = args.preset or "tiny"
+    log.warning("no --checkpoint (and no demo model): a randomly initialised %s model, its answers are noise", preset)
+    return OlaPipeline.from_preset(preset, seed=args.init_seed, device=args.device)
 
 
 def _request(args: argparse.Namespace):
@@ -187,13 +192,21 @@ def make_demo_media(out: Path, question: str) -> tuple[Path, Path]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's main job: a tiny checkpoint, sample media, and a streamed answer."""
+    """The README's main job: the demo model (or a random tiny checkpoint), sample media, a streamed answer."""
+    from ola_model.demo import demo_checkpoint_dir, has_demo_model
+
     out: Path = args.out
-    ckpt = out / "tiny-checkpoint"
-    if not (ckpt / "config.json").is_file():
-        args.preset, args.overwrite = "tiny", True
-        args.out = ckpt
-        cmd_init(args)
+    if args.checkpoint is not None:
+        ckpt = args.checkpoint
+    elif has_demo_model() and args.preset is None:
+        ckpt = demo_checkpoint_dir()
+    else:
+        ckpt = out / "tiny-checkpoint"
+        if not (ckpt / "config.json").is_file():
+            log.warning("no demo model: writing a randomly initialised tiny checkpoint (its answers are noise)")
+            args.preset, args.overwrite = args.preset or "tiny", True
+            args.out = ckpt
+            cmd_init(args)
     image, audio = make_demo_media(out / "media", args.question)
     print(f"image: {image}\naudio: {audio} (the question, spoken)\nquestion: {args.question}\nanswer: ", end="")
     gen = argparse.Namespace(
@@ -218,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", type=Path, help="an Ola checkpoint directory (published layout or ours)")
-        p.add_argument("--preset", default="tiny", help="without --checkpoint: random weights of this preset")
+        p.add_argument(
+            "--preset",
+            default=None,
+            help="without --checkpoint: random weights of this preset (default: the shipped demo model)",
+        )
         p.add_argument("--init-seed", type=int, default=0, help="seed of the random initialisation")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument(

@@ -196,6 +196,29 @@ class OlaConfig:
                 data[key] = sub_cls(**data[key])
         return cls(**data)
 
+    def with_overrides(self, overrides: dict[str, Any]) -> OlaConfig:
+        """A copy with some fields replaced: ``{"llm": {"hidden_size": 128}, "name": "tiny-demo"}``.
+
+        Raises:
+            ValueError: an unknown key (named) or a sub-config given as a non-mapping.
+        """
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if key in _SUBCONFIGS:
+                if not isinstance(value, dict):
+                    raise ValueError(f"override {key!r} must be a mapping of {key} config keys, got {value!r}")
+                sub = dict(data[key])
+                unknown = set(value) - set(sub)
+                if unknown:
+                    raise ValueError(f"unknown {key} config keys: {sorted(unknown)}")
+                sub.update(value)
+                data[key] = sub
+            elif key in data:
+                data[key] = value
+            else:
+                raise ValueError(f"unknown OlaConfig keys: [{key!r}]")
+        return OlaConfig.from_dict(data)
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 

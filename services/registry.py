@@ -43,12 +43,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class ModelSource(BaseModel):
-    """Where one model version's weights come from: exactly one of ``checkpoint`` and ``preset``."""
+    """Where one model version's weights come from: exactly one of ``checkpoint``, ``builtin`` and ``preset``."""
 
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: Path | None = Field(None, description="A local checkpoint directory in the Ola layout.")
-    preset: Literal["tiny"] | None = Field(None, description="Random weights of a preset (tests, demos).")
+    builtin: Literal["demo"] | None = Field(
+        None, description="A model shipped with the platform: `demo` is the trained tiny model (ola_model.demo)."
+    )
+    preset: Literal["tiny"] | None = Field(None, description="Random weights of a preset (tests).")
     seed: int = Field(0, description="Initialisation seed of a preset.")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Parameter dtype; None: as stored (a preset: float32)."
@@ -57,14 +60,18 @@ class ModelSource(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
-        if (self.checkpoint is None) == (self.preset is None):
-            raise ValueError("a model version needs exactly one of `checkpoint` and `preset`")
+        if sum(x is not None for x in (self.checkpoint, self.builtin, self.preset)) != 1:
+            raise ValueError("a model version needs exactly one of `checkpoint`, `builtin` and `preset`")
         return self
 
     def load(self) -> OlaPipeline:
         dtype = _DTYPES[self.dtype] if self.dtype else None
         if self.checkpoint is not None:
             return OlaPipeline.from_checkpoint(self.checkpoint, device=self.device, dtype=dtype)
+        if self.builtin is not None:
+            from ola_model.demo import demo_checkpoint_dir
+
+            return OlaPipeline.from_checkpoint(demo_checkpoint_dir(), device=self.device, dtype=dtype)
         pipeline = OlaPipeline.from_preset(self.preset or "tiny", seed=self.seed, device=self.device)
         if dtype is not None:
             pipeline.model.to(dtype)
@@ -73,6 +80,11 @@ class ModelSource(BaseModel):
 
 
 def _embedded_versions() -> dict[str, ModelSource]:
+    """The shipped demo model when present, else random tiny weights (the whole path is real, the answers noise)."""
+    from ola_model.demo import has_demo_model
+
+    if has_demo_model():
+        return {"demo": ModelSource(builtin="demo")}
     return {"tiny": ModelSource(preset="tiny", seed=0)}
 
 
@@ -159,7 +171,7 @@ class ModelRegistry:
         with self._locks[name]:
             if name not in self._loaded:
                 source = self.config.versions[name]
-                log.info("loading model version %s from %s", name, source.checkpoint or f"preset {source.preset}")
+                log.info("loading model version %s from %s", name, source.checkpoint or source.builtin or f"preset {source.preset}")
                 try:
                     pipeline = source.load()
                 except CheckpointError as exc:

@@ -79,3 +79,17 @@ def test_build_model_keeps_beats_in_float32():
     assert model.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.speech_encoder.beats_model.parameters())
     assert model.vision_tower.pos_embed.dtype == torch.bfloat16
+
+
+def test_with_overrides_replaces_named_fields_and_names_unknown_keys():
+    base = OlaConfig.from_name("tiny")
+    wide = base.with_overrides({"name": "tiny-wide", "llm": {"hidden_size": 128, "num_hidden_layers": 4}})
+    assert (wide.name, wide.llm.hidden_size, wide.llm.num_hidden_layers) == ("tiny-wide", 128, 4)
+    assert wide.llm.vocab_size == base.llm.vocab_size and wide.vision == base.vision
+    assert base.llm.hidden_size == 64  # the preset itself is untouched
+    with pytest.raises(ValueError, match="unknown llm config keys: \\['hidden'\\]"):
+        base.with_overrides({"llm": {"hidden": 1}})
+    with pytest.raises(ValueError, match="unknown OlaConfig keys"):
+        base.with_overrides({"nonsense": 1})
+    with pytest.raises(ValueError, match="must be a mapping"):
+        base.with_overrides({"llm": 3})
