@@ -104,7 +104,7 @@ _SHARED_SECTIONS = {
     "audio": ("cache", "object_store", "limits", "metrics"),
     "llm": ("metrics",),
     "tts": ("metrics",),
-    "gateway": ("sessions", "limits", "proxy", "metrics"),
+    "gateway": ("sessions", "rollout", "limits", "proxy", "metrics"),
 }
 
 
@@ -581,7 +581,24 @@ class OmniGatewayDeployment(_ServiceDeployment):
         sessions = make_session_store(config.sessions.url(), config.sessions.ttl_s)
         from services.metrics import get_metrics
 
-        self.gateway = OmniGateway(self.backends, gateway_config, sessions, metrics=get_metrics())
+        router = recorder = None
+        if config.rollout.model_name:  # canary: route new sessions by the rollout in Redis, record outcomes
+            from services.rollout import RolloutRecorder, RolloutRouter
+
+            rollout, url = config.rollout, config.rollout.url()
+            if not url:
+                raise ValueError(f"rollout: the Redis URL env var {rollout.redis_url_env!r} is not set in the replica")
+            router = RolloutRouter(
+                url,
+                rollout.model_name,
+                lambda: gateway_config.default_model_version,
+                prefix=rollout.prefix,
+                refresh_s=rollout.refresh_s,
+            )
+            recorder = RolloutRecorder(url, prefix=rollout.prefix)
+        self.gateway = OmniGateway(
+            self.backends, gateway_config, sessions, router=router, metrics=get_metrics(), recorder=recorder
+        )
         self.servicer = OmniServicer(self.gateway)
 
     async def reconfigure(self, user_config: Mapping[str, Any]) -> None:
@@ -642,6 +659,10 @@ class OmniGatewayDeployment(_ServiceDeployment):
         return response
 
     async def __del__(self) -> None:
+        gateway = getattr(self, "gateway", None)
+        for part in (getattr(gateway, "router", None), getattr(gateway, "recorder", None)):
+            if hasattr(part, "close"):  # the rollout router / recorder: stop their threads, flush the last samples
+                await asyncio.to_thread(part.close)
         backends = getattr(self, "backends", None)
         if backends is not None:
             await backends.close()

@@ -75,6 +75,25 @@ class GatewayError(Exception):
         return cls(code, detail)
 
 
+# Failures the client caused (bad input, an unknown version, a session pinned to another version): they do not count
+# against a model version in a canary. FAILED_PRECONDITION does when a backend cannot load the version.
+_CLIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+def _version_at_fault(exc: GatewayError) -> bool:
+    if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+        return exc.detail.reason == errors_pb2.ERROR_REASON_BACKEND_UNAVAILABLE
+    return exc.code not in _CLIENT_CODES
+
+
 class Backends(Protocol):
     """How the gateway reaches the services. ``timeout`` is seconds left of the client's deadline (None: none)."""
 
@@ -169,18 +188,50 @@ class OmniGateway:
         sessions: SessionStore | None = None,
         router: Callable[[str], str] | None = None,
         metrics=None,
+        recorder=None,
     ) -> None:
         self.backends = backends
         self.config = config or GatewayConfig()
         self.sessions = sessions or InProcessSessionStore(self.config.session_ttl_s)
         self.router = router or (lambda session_id: self.config.default_model_version)
         self.metrics = metrics
+        self.recorder = recorder  # services.rollout.RolloutRecorder: each turn's outcome per version (canary)
 
     # ------------------------------------------------------------------------------------------------- chat
     async def chat(
         self, req: omni_pb2.ChatRequest, deadline: float | None = None
     ) -> AsyncIterator[omni_pb2.ChatResponse]:
-        """Stream the events of one turn. ``deadline`` is a ``time.monotonic()`` instant (None: no deadline)."""
+        """Stream the events of one turn. ``deadline`` is a ``time.monotonic()`` instant (None: no deadline).
+
+        With a ``recorder``, the turn's outcome is recorded for its model version when it ends or fails on the
+        server's side (errors the client caused, and clients that go away, are not the version's doing).
+        """
+        if self.recorder is None:
+            async for ev in self._chat(req, deadline):
+                yield ev
+            return
+        start = time.perf_counter()
+        version, ttft = "", None
+        try:
+            async for ev in self._chat(req, deadline):
+                if ev.HasField("started"):
+                    version = ev.started.model_version
+                elif ev.HasField("usage") and ev.usage.timings.HasField("time_to_first_token"):
+                    ttft = ev.usage.timings.time_to_first_token.ToNanoseconds() / 1e9
+                yield ev
+        except GatewayError as exc:
+            if version and _version_at_fault(exc):
+                self.recorder.record(version, False, time.perf_counter() - start)
+            raise
+        except Exception:
+            if version:
+                self.recorder.record(version, False, time.perf_counter() - start)
+            raise
+        self.recorder.record(version, True, time.perf_counter() - start, ttft)
+
+    async def _chat(
+        self, req: omni_pb2.ChatRequest, deadline: float | None = None
+    ) -> AsyncIterator[omni_pb2.ChatResponse]:
         clock = _Clock()
         seq = 0
 

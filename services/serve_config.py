@@ -15,6 +15,7 @@ Layout (see ``services/configs/local.yaml``, the embedded default, and ``product
       ...service settings (max_images, max_batch, backend, session_ttl_s, ...)
     cache:           {redis_url | redis_url_env, ttl_s, max_bytes, ...}   # encoder outputs
     sessions:        {redis_url | redis_url_env, ttl_s}                   # gateway conversations
+    rollout:         {model_name, redis_url | redis_url_env, refresh_s}   # canary routing of new sessions
     object_store:    {endpoint_url | endpoint_url_env, access_key_id_env, secret_access_key_env, region}
     limits:          {max_request_bytes, max_media_bytes}
     proxy:           {grpc_port, http_port, http_host, request_timeout_s}
@@ -241,6 +242,26 @@ class SessionsSpec(_Strict):
         return _from_env(self.redis_url, self.redis_url_env, environ)
 
 
+class RolloutSpec(_Strict):
+    """Canary routing in the gateway (``services/rollout.py``): new sessions split between the registry's champion
+    and challenger by the rollout state in Redis, each turn's outcome recorded for the rollout controller."""
+
+    model_name: str | None = Field(None, description="Registry model whose rollouts route new sessions; None: off.")
+    redis_url: str | None = Field(None, description="redis://host:port/db of the rollout state.")
+    redis_url_env: str | None = Field(None, description="Env var holding the Redis URL (read in each replica).")
+    refresh_s: float = Field(1.0, gt=0, description="Seconds between reads of the rollout state.")
+    prefix: str = Field("ola:rollout:", min_length=1, description="Key prefix (the controller's must match).")
+
+    @model_validator(mode="after")
+    def _needs_redis(self) -> RolloutSpec:
+        if self.model_name and not (self.redis_url or self.redis_url_env):
+            raise ValueError("model_name needs rollout.redis_url or rollout.redis_url_env (the shared rollout state)")
+        return self
+
+    def url(self, environ: Mapping[str, str] | None = None) -> str | None:
+        return _from_env(self.redis_url, self.redis_url_env, environ)
+
+
 class ObjectStoreSpec(_Strict):
     """Where ``s3://`` media references are read (MinIO or any S3). Credentials only by env var name."""
 
@@ -300,6 +321,7 @@ class PlatformConfig(_Strict):
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     sessions: SessionsSpec = Field(default_factory=SessionsSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     object_store: ObjectStoreSpec = Field(default_factory=ObjectStoreSpec)
     limits: LimitsSpec = Field(default_factory=LimitsSpec)
     proxy: ProxySpec = Field(default_factory=ProxySpec)

@@ -166,7 +166,7 @@ def test_builders_validate_first_and_pin_replica_identity():
     # what a replica is built from leaves out replica counts (and model versions, which are user_config)
     assert app_args(scaled, "vision") == app_args(base, "vision")
     assert "num_replicas" not in app_args(base, "vision")["vision"] and "models" not in app_args(base, "vision")
-    assert set(app_args(base, "gateway")) == {"gateway", "sessions", "limits", "proxy", "metrics"}
+    assert set(app_args(base, "gateway")) == {"gateway", "sessions", "rollout", "limits", "proxy", "metrics"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
