@@ -171,7 +171,11 @@ class ModelRegistry:
         with self._locks[name]:
             if name not in self._loaded:
                 source = self.config.versions[name]
-                log.info("loading model version %s from %s", name, source.checkpoint or source.builtin or f"preset {source.preset}")
+                log.info(
+                    "loading model version %s from %s",
+                    name,
+                    source.checkpoint or source.builtin or f"preset {source.preset}",
+                )
                 try:
                     pipeline = source.load()
                 except CheckpointError as exc:

@@ -152,3 +152,85 @@ def s3() -> Iterator[S3Server]:
         yield S3Server(endpoint, "media", client)
     finally:
         _stop(proc)
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+_MLFLOW_START_TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_local_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Keep the suite's MLflow runs out of the developer's store: the default tracking URI (``MLFLOW_TRACKING_URI``)
+    is a session-private sqlite store. Tests that talk to a server pass its URI explicitly."""
+    directory = tmp_path_factory.mktemp("mlflow-local")
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on a free loopback port: sqlite backend in a tmp dir, artifacts proxied to
+    ``s3://<bucket>/mlflow`` on the ``s3`` fixture's moto server. Yields the tracking URI."""
+    binary = Path(sys.executable).with_name("mlflow")
+    if not binary.exists():
+        pytest.skip("mlflow is not installed (pip install -e '.[train]')")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("mlflow-server")
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # no background job runner: MLflow 3 otherwise forks several huey consumers the tests never use
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_file = open(workdir / "server.log", "wb")
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{s3.bucket}/mlflow",
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=workdir,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + _MLFLOW_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                tail = (workdir / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"mlflow server exited with status {proc.returncode}: {tail}")
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not answer /health within {_MLFLOW_START_TIMEOUT_S} s")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        _stop(proc)
+        log_file.close()

@@ -19,7 +19,7 @@ def test_the_environment_variable_points_at_another_checkpoint(tmp_path, monkeyp
 def test_a_missing_demo_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(DEMO_ENV, str(tmp_path / "nowhere"))
     assert not has_demo_model()
-    with pytest.raises(FileNotFoundError, match="ola pipeline run --config workflows/configs/tiny.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"ola pipeline run --config workflows/configs/tiny\.yaml"):
         demo_checkpoint_dir()
 
 
@@ -46,5 +46,5 @@ def test_model_overrides_in_a_training_config_shape_the_first_model(tmp_path):
     }
     assert config_from_dict(raw).model.model_config().llm.hidden_size == 96
     raw["model"]["overrides"] = {"llm": {"width": 96}}
-    with pytest.raises(ConfigError, match="model.overrides: unknown llm config keys"):
+    with pytest.raises(ConfigError, match=r"model\.overrides: unknown llm config keys"):
         config_from_dict(raw)

@@ -28,7 +28,23 @@ EXPECTED_RPCS = {
     "ola.llm.v1.LLMService": {"Generate": True, "CountTokens": False},
     "ola.tts.v1.TTSService": {"Synthesize": True, "ListVoices": False},
     "ola.omni.v1.OmniService": {"Chat": True, "GetSession": False, "DeleteSession": False, "ListModelVersions": False},
+    "ola.pipeline.v1.PipelineService": {
+        "StartRun": False,
+        "GetRun": False,
+        "ListRuns": False,
+        "WatchRun": True,
+        "CancelRun": False,
+    },
+    "ola.models.v1.ModelService": {
+        "ListVersions": False,
+        "PromoteVersion": False,
+        "StartRollout": False,
+        "GetRollout": False,
+        "AbortRollout": False,
+        "PromoteRollout": False,
+    },
 }
+CONTROL_PLANE = {"ola.pipeline.v1", "ola.models.v1"}  # training runs and model lifecycle: no model version to pin
 
 
 # ------------------------------------------------------------------------------------------------------ the contract
@@ -58,7 +74,9 @@ def test_lint_catches_violations(tmp_path):
 def test_packages_services_and_streaming_rpcs():
     fds = gen.descriptor_set()
     packages = {f.package for f in fds.file}
-    assert packages == {f"ola.{x}.v1" for x in ("common", "vision", "audio", "llm", "tts", "omni")}
+    assert packages == {
+        f"ola.{x}.v1" for x in ("common", "vision", "audio", "llm", "tts", "omni", "pipeline", "models")
+    }
     found = {
         f"{f.package}.{s.name}": {m.name: m.server_streaming for m in s.method} for f in fds.file for s in f.service
     }
@@ -69,6 +87,8 @@ def test_packages_services_and_streaming_rpcs():
 def test_every_request_pins_the_model_version():
     fds = gen.descriptor_set()
     for f in fds.file:
+        if f.package in CONTROL_PLANE:
+            continue
         for s in f.service:
             for m in s.method:
                 request = next(msg for msg in f.message_type if f".{f.package}.{msg.name}" == m.input_type)

@@ -233,3 +233,13 @@ def test_two_hundred_test_samples_take_well_under_a_minute(tmp_path: Path, tiny_
     result = evaluate(tiny_pipeline, root, progress=False)
     assert result.meta["num_items"] >= 200
     assert result.seconds < 60, f"{result.seconds:.1f} s for {result.meta['num_items']} items"
+
+
+def test_the_pipeline_evaluator_scores_a_stage_model(dataset: Path, checkpoint: Path) -> None:
+    """``ola pipeline run --eval-data`` builds this evaluator: a stage model in, a JSON report out."""
+    from workflows.training.cli import stage_evaluator
+
+    report = stage_evaluator(dataset, split="test", limit=1)("1b", checkpoint)
+    assert set(SYNTH_METRICS) <= set(report)  # the metric keys at the top level (None where no sample counts)
+    assert report["counts"]["image_qa_accuracy"] == 1
+    json.dumps(report)  # logged to MLflow as JSON

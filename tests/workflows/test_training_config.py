@@ -55,7 +55,7 @@ def test_stages_follow_the_paper() -> None:
     tiny = load_config(CONFIGS / "tiny.yaml")
     big = load_config(CONFIGS / "ola-7b.yaml")
     assert [s.name for s in tiny.stages] == ["0", *PAPER_STAGES]
-    assert set(tiny.stage("0").trainable) == set(PARTS)
+    assert set(tiny.stage("0").trainable) == set(PARTS) - {"beats"}  # BEATs stays random (cost on CPU)
     assert [s.name for s in big.stages] == PAPER_STAGES
     for config in (tiny, big):
         for name, parts in PAPER_TRAINABLE.items():

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ola_model.config import PRESETS
+from ola_model.config import PRESETS, OlaConfig
 from ola_model.model import PARTS
 
 Precision = Literal["auto", "bf16", "fp32"]
@@ -28,6 +28,8 @@ SCHEDULES = ("cosine", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
 _TASK = re.compile(r"^[A-Za-z0-9_.-]+$")
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:.+")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,255}$")
 
 
 class ConfigError(ValueError):
@@ -52,6 +54,8 @@ class ModelSpec:
     preset: str = "tiny"
     seed: int = 0  # seeds the random initialisation of every part no init checkpoint covers
     init: InitSpec = field(default_factory=InitSpec)
+    # dimensions replaced in the preset, e.g. {llm: {hidden_size: 128, num_hidden_layers: 4}} (the demo model)
+    overrides: dict = field(default_factory=dict)
     tokenizer: str | None = None  # None: the shipped tiny tokenizer (tiny) or the init.llm directory
 
     def __post_init__(self) -> None:
@@ -61,6 +65,14 @@ class ModelSpec:
             raise ConfigError(
                 f"model: preset {self.preset!r} needs model.tokenizer or model.init.llm (a tokenizer dir)"
             )
+        self.model_config()
+
+    def model_config(self) -> OlaConfig:
+        """The preset with ``overrides`` applied. Raises ConfigError naming a bad override key."""
+        try:
+            return OlaConfig.from_name(self.preset).with_overrides(self.overrides)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model.overrides: {exc}") from exc
 
 
 @dataclass
@@ -88,6 +100,57 @@ class ResourcesSpec:
             raise ConfigError(f"resources.workers must be at least 1, got {self.workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"resources.cpus_per_worker must be positive, got {self.cpus_per_worker}")
+
+
+@dataclass
+class TrackingSpec:
+    """MLflow tracking of the pipeline run (``workflows.tracking``)."""
+
+    enabled: bool = True  # false: no MLflow at all (no runs, no registration)
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else the embedded store sqlite:///.cache/mlflow/mlflow.db
+    experiment: str | None = None  # None: the config's name
+
+    def __post_init__(self) -> None:
+        if self.uri is not None and not _URI_SCHEME.match(self.uri):
+            raise ConfigError(
+                f"tracking.uri: expected a URI with a scheme (http://host:5000, sqlite:///x.db), got {self.uri!r}"
+            )
+        if self.experiment is not None and not (0 < len(self.experiment.strip()) <= 256):
+            raise ConfigError(
+                f"tracking.experiment: expected a non-empty name of at most 256 characters, got {self.experiment!r}"
+            )
+
+
+@dataclass
+class ArtifactsSpec:
+    """Where finished stage checkpoints are uploaded (``workflows.artifacts``), besides the output directory."""
+
+    uri: str | None = None  # None: only the output directory; s3://bucket/prefix (MinIO, S3) or a directory
+    endpoint_url: str | None = None  # S3 endpoint; None: $OLA_S3_ENDPOINT_URL, else $MLFLOW_S3_ENDPOINT_URL, else AWS
+
+    def __post_init__(self) -> None:
+        if self.uri is not None:
+            if not self.uri.strip():
+                raise ConfigError("artifacts.uri: empty; give s3://bucket/prefix or a directory, or leave it out")
+            if self.uri.startswith("s3:") and not re.match(r"^s3://[^/]+", self.uri):
+                raise ConfigError(f"artifacts.uri: expected s3://bucket/prefix, got {self.uri!r}")
+            scheme = self.uri.split("://", 1)[0] if "://" in self.uri else ""
+            if scheme not in ("", "s3", "file"):
+                raise ConfigError(f"artifacts.uri: scheme {scheme!r} is not supported; use s3://, file:// or a path")
+        if self.endpoint_url is not None and not re.match(r"^https?://[^/]+", self.endpoint_url):
+            raise ConfigError(f"artifacts.endpoint_url: expected http(s)://host[:port], got {self.endpoint_url!r}")
+
+
+@dataclass
+class RegistrySpec:
+    """Registration of finished stage outputs in the MLflow model registry (``workflows.lifecycle.registry``)."""
+
+    model_name: str = "ola"
+    register: bool = True  # needs tracking
+
+    def __post_init__(self) -> None:
+        if not _MODEL_NAME.match(self.model_name):
+            raise ConfigError(f"registry.model_name: {self.model_name!r} must match {_MODEL_NAME.pattern}")
 
 
 @dataclass
@@ -189,6 +252,9 @@ class TrainConfig:
     stages: list[StageConfig]
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     source: str | None = None  # the YAML file it was read from
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    artifacts: ArtifactsSpec = field(default_factory=ArtifactsSpec)
+    registry: RegistrySpec = field(default_factory=RegistrySpec)
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -216,7 +282,7 @@ def _check_range(where: str, key: str, value: float, low: float, high: float, hi
 
 
 # ------------------------------------------------------------------------------------------------------- loading
-_TOP_KEYS = {"name", "model", "data", "defaults", "stages", "resources"}
+_TOP_KEYS = {"name", "model", "data", "defaults", "stages", "resources", "tracking", "artifacts", "registry"}
 _STAGE_KEYS = {f.name for f in dataclasses.fields(StageConfig)}
 _DEFAULTABLE = _STAGE_KEYS - {"name", "description", "trainable", "data"}
 
@@ -336,7 +402,14 @@ def config_from_dict(raw: Any, source: str | None = None) -> TrainConfig:
             raise ConfigError(f"config: missing key {key!r}")
     model_raw = _expect_mapping(raw["model"], "model")
     init = _build(InitSpec, _expect_mapping(model_raw.get("init"), "model.init"), "model.init")
-    model = _build(ModelSpec, {k: v for k, v in model_raw.items() if k != "init"}, "model", init=init)
+    overrides = _expect_mapping(model_raw.get("overrides"), "model.overrides")
+    model = _build(
+        ModelSpec,
+        {k: v for k, v in model_raw.items() if k not in ("init", "overrides")},
+        "model",
+        init=init,
+        overrides=overrides,
+    )
     data = _build(DataSpec, _expect_mapping(raw.get("data"), "data"), "data")
     resources = _build(ResourcesSpec, _expect_mapping(raw.get("resources"), "resources"), "resources")
     defaults = _expect_mapping(raw.get("defaults"), "defaults")
@@ -345,7 +418,20 @@ def config_from_dict(raw: Any, source: str | None = None) -> TrainConfig:
     if not isinstance(stages_raw, list):
         raise ConfigError(f"stages: expected a list of stages, got {type(stages_raw).__name__}")
     stages = [_stage(s, defaults, i) for i, s in enumerate(stages_raw)]
-    return TrainConfig(name=str(raw["name"]), model=model, data=data, stages=stages, resources=resources, source=source)
+    tracking = _build(TrackingSpec, _expect_mapping(raw.get("tracking"), "tracking"), "tracking")
+    artifacts = _build(ArtifactsSpec, _expect_mapping(raw.get("artifacts"), "artifacts"), "artifacts")
+    registry = _build(RegistrySpec, _expect_mapping(raw.get("registry"), "registry"), "registry")
+    return TrainConfig(
+        name=str(raw["name"]),
+        model=model,
+        data=data,
+        stages=stages,
+        resources=resources,
+        source=source,
+        tracking=tracking,
+        artifacts=artifacts,
+        registry=registry,
+    )
 
 
 def load_config(path: str | Path) -> TrainConfig:

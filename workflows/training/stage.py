@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 
 from ola_model.checkpoint.components import load_components
 from ola_model.checkpoint.ola_format import load_checkpoint, save_checkpoint
-from ola_model.config import OlaConfig
 from ola_model.model import FP32_PARTS, OlaModel, build_model
 from ola_model.tokenizer import OLA_ADDED_TOKENS, load_tokenizer, tiny_tokenizer
 from workflows.training import checkpoints as ckpt
@@ -221,7 +220,7 @@ def _initial_tokenizer(config: TrainConfig):
 
 def _initial_model(config: TrainConfig, dtype: torch.dtype) -> OlaModel:
     spec = config.model
-    model = build_model(OlaConfig.from_name(spec.preset), dtype=dtype, seed=spec.seed)
+    model = build_model(spec.model_config(), dtype=dtype, seed=spec.seed)
     init = {k: v for k, v in dataclasses.asdict(spec.init).items() if v is not None}
     if init:
         for part, report in load_components(model, **init).items():
