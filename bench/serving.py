@@ -5,7 +5,10 @@
    N = 1, 4, 8, 16. Same weights (one model version), same greedy decoding, same number of new tokens.
 2. Encoder cache: EncodeImages / EncodeVideo of a repeated input, hit vs miss.
 3. Time to first audio: sentence-wise speech while the LLM goes on vs speaking the whole answer after it finishes,
-   on answers of at least 3 sentences.
+   on answers of at least 3 sentences. The answers come from a second model version, "talker": the tiny model whose
+   LLM is trained here (a few seconds) to answer any question with a fixed paragraph of several sentences, since
+   the synthetic-data demo model answers in a word or a phrase. Only the answer's length matters to this
+   comparison; the path (gateway, LLM service, sentence cutting, TTS) is the real one.
 
 Everything runs on this machine over real gRPC on loopback (grpc.aio servers in a background event loop, real
 espeak-ng). Run: ``.venv/bin/python -m bench.serving [--json OUT]``.
@@ -21,6 +24,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,6 +35,42 @@ from bench._common import format_table, machine_info, write_json
 from ola_model.generation import generate_ids
 
 VERSION = "tiny"
+TALKER = "talker"
+PARAGRAPH = (
+    "The picture shows three red circles on the left. A blue square sits in the middle of the scene. "
+    "Two green triangles point upward on the right. The background is a plain light gray."
+)
+
+
+def train_talker(out_dir, steps: int = 120, seed: int = 0):
+    """Save a tiny checkpoint whose LLM answers every chat prompt with ``PARAGRAPH`` (trained here, ~seconds)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ola_model import OlaConfig, build_model, save_checkpoint
+    from ola_model.prompt import SYSTEM_PROMPT
+    from ola_model.tokenizer import tiny_tokenizer
+
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    model = build_model(OlaConfig.from_name("tiny"), seed=seed)
+    answer = tok(PARAGRAPH + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    optimizer = torch.optim.AdamW(model.llm.parameters(), lr=3e-3)
+    for step in range(steps):
+        question = f"Tell me about picture number {step % 7}. Describe it in several sentences."
+        prompt = (
+            f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ids + answer])
+        labels = torch.tensor([[-100] * len(ids) + answer])
+        logits = model.llm(input_ids=x).logits
+        loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return save_checkpoint(model, out_dir, tokenizer=tok)
 
 
 class _Loop:
@@ -71,7 +111,7 @@ def _mp4(frames: int, size: tuple[int, int]) -> bytes:
 class Stack:
     """Encoders + LLM (one grpc.aio server), TTS, and the gateway, all on loopback."""
 
-    def __init__(self, max_batch: int = 16) -> None:
+    def __init__(self, max_batch: int = 16, talker=None) -> None:
         from services.audio import AudioEncoderServicer
         from services.audio import add_to_server as add_audio
         from services.gateway import GatewayConfig, GrpcBackends, OmniGateway, OmniServicer
@@ -86,7 +126,10 @@ class Stack:
 
         self.aio = _Loop()
         self.servers: list[grpc.aio.Server] = []
-        self.registry = ModelRegistry(RegistryConfig(versions={VERSION: ModelSource(preset="tiny", seed=0)}))
+        versions = {VERSION: ModelSource(preset="tiny", seed=0)}
+        if talker is not None:
+            versions[TALKER] = ModelSource(checkpoint=talker)
+        self.registry = ModelRegistry(RegistryConfig(versions=versions, default_version=VERSION))
         self.llm = LLMServicer(LLMServiceConfig(max_batch=max_batch), registry=self.registry)
         self.vision = VisionEncoderServicer(registry=self.registry)
         audio = AudioEncoderServicer(registry=self.registry)
@@ -228,6 +271,7 @@ def first_audio(stack: Stack, attempts: int, new_tokens: int) -> list[dict[str, 
     rows = []
     for seed in range(attempts):
         req = omni_pb2.ChatRequest(
+            model_version=TALKER,
             text=f"Tell me about picture number {seed}. Describe it in several sentences.",
             output_modalities=[omni_pb2.OUTPUT_MODALITY_TEXT, omni_pb2.OUTPUT_MODALITY_AUDIO],
             speech=omni_pb2.SpeechOptions(sample_rate_hz=16000),
@@ -244,7 +288,7 @@ def first_audio(stack: Stack, attempts: int, new_tokens: int) -> list[dict[str, 
         if final is None or final.num_sentences < 3 or first is None:
             continue
         # Baseline: the same answer, text only, then the whole answer spoken at once.
-        req_text = omni_pb2.ChatRequest(text=req.text, sampling=req.sampling)
+        req_text = omni_pb2.ChatRequest(model_version=TALKER, text=req.text, sampling=req.sampling)
         start = time.perf_counter()
         text = "".join(e.final.text for e in stack.omni.Chat(req_text, timeout=600) if e.HasField("final"))
         tts = stack_tts(stack)
@@ -274,11 +318,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cache-repeats", type=int, default=3)
-    parser.add_argument("--audio-attempts", type=int, default=6)
+    parser.add_argument("--audio-attempts", type=int, default=3)
     parser.add_argument("--audio-tokens", type=int, default=160)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    stack = Stack(max_batch=max(int(n) for n in args.concurrency.split(",")))
+    import tempfile
+
+    talker = train_talker(Path(tempfile.mkdtemp(prefix="talker-")) / "ckpt") if args.audio_attempts else None
+    stack = Stack(max_batch=max(int(n) for n in args.concurrency.split(",")), talker=talker)
     result: dict[str, Any] = {"machine": machine_info()}
     print("throughput ...", file=sys.stderr)
     result["throughput"] = throughput(stack, [int(n) for n in args.concurrency.split(",")], args.new_tokens)

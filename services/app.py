@@ -352,12 +352,16 @@ class _ServiceDeployment:
             "actor_id": ray.get_runtime_context().get_actor_id(),
             "pid": os.getpid(),
             "model_versions": self._versions(),
+            "loaded_versions": self._loaded_versions(),
             "metrics_port": self.metrics_port,
             **self._stats(),
         }
 
     def _versions(self) -> list[str]:
         return []
+
+    def _loaded_versions(self) -> list[str]:
+        return self._versions()
 
     def _stats(self) -> dict[str, Any]:
         return {}
@@ -377,8 +381,12 @@ class _ModelDeployment(_ServiceDeployment):
         """Switch to the model versions of ``user_config["models"]`` without a restart.
 
         Versions already loaded stay loaded; the new default loads before the registry is swapped, so requests never
-        wait on a load. A version name always means the same weights: reusing a name for another source is an error.
+        wait on a load, and so does every other new version (a canary's challenger is warm before it takes traffic;
+        one that fails to load is logged and retried on its first request, the default keeps serving). Removed
+        versions are freed. A version name always means the same weights: reusing a name for another source is an
+        error.
         """
+        from services.errors import ServiceError
         from services.registry import ModelRegistry, RegistryConfig
 
         models = RegistryConfig.model_validate((user_config or {}).get("models") or {})
@@ -398,15 +406,37 @@ class _ModelDeployment(_ServiceDeployment):
             if old.is_loaded(name) and name not in changed:
                 new._loaded[name] = old.get(name)  # the same weights: share, do not load twice
         await asyncio.to_thread(new.get, new.default_version)  # off the event loop, before anyone uses it
+        for name in new.versions:
+            if not new.is_loaded(name):
+                try:
+                    await asyncio.to_thread(new.get, name)
+                except ServiceError as exc:
+                    log.error("%s: version %s did not load (retried on first use): %s", self.SERVICE, name, exc)
         self.servicer.registry = new
         await self.servicer.warmup()  # loaded already: marks the service SERVING
         log.info("%s: model versions %s (default %s)", self.SERVICE, new.versions, new.default_version)
+        if set(old.config.versions) - set(wanted.versions):
+            self._release()
+
+    def _release(self) -> None:
+        """Free the memory of removed versions (the old registry held their weights; nothing refers to it now)."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _serving(self) -> bool:
         return bool(self.servicer.serving) and self.servicer.registry.is_loaded(self.servicer.registry.default_version)
 
     def _versions(self) -> list[str]:
         return self.servicer.registry.versions
+
+    def _loaded_versions(self) -> list[str]:
+        registry = self.servicer.registry
+        return [name for name in registry.versions if registry.is_loaded(name)]
 
 
 @serve.deployment(name=DEPLOYMENT_NAMES["vision"])
@@ -489,6 +519,34 @@ class LLMDeployment(_ModelDeployment):
     async def CountTokens(self, request: Any, grpc_context: Any = None) -> Any:
         ctx = ServeContext(grpc_context)
         return await call_unary(self.servicer.CountTokens, request, ctx, llm_pb2.CountTokensResponse)
+
+    def _release(self) -> None:
+        """Drop the engines (model, KV cache) of removed versions too; a busy one once its requests have ended."""
+        busy = self._drop_engines()
+        super()._release()
+        task = getattr(self, "_release_task", None)
+        if busy and (task is None or task.done()):
+            self._release_task = asyncio.get_running_loop().create_task(self._release_when_idle())
+
+    def _drop_engines(self) -> list[str]:
+        """Drop every engine whose weights the registry no longer serves; returns the versions still busy."""
+        registry = self.servicer.registry
+        engines = self.servicer._engines  # the servicer's engine per version (it has no public way to drop one)
+        busy = []
+        for version, state in list(engines.items()):
+            if registry.is_loaded(version) and registry.get(version) is state.loaded:
+                continue
+            if state.streams or state.engine.has_work():
+                busy.append(version)  # its requests finish on it (the driver steps every engine in the dict)
+                continue
+            del engines[version]
+            log.info("llm: dropped the engine of model version %s", version)
+        return busy
+
+    async def _release_when_idle(self) -> None:
+        while self._drop_engines():
+            await asyncio.sleep(0.5)
+        super()._release()
 
     def _stats(self) -> dict[str, Any]:
         engines = [self.servicer.engine(v) for v in self._versions() if self.servicer.registry.is_loaded(v)]
