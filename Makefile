@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONSTRAINTS ?= constraints/cpu.txt
 DEMO_DIR ?= .cache/demo
-QUESTION ?= What do you see and hear?
+QUESTION ?= Describe the image.
 
 # DeepSpeed compiles its ops once into this cache; Ray runs locally without token auth.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions

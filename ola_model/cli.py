@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     _add_sampling(p)
     p.add_argument("--out", type=Path, default=Path(".cache/demo"))
-    p.add_argument("question", nargs="?", default="What do you see and hear?")
+    p.add_argument("question", nargs="?", default="Describe the image.")
     p.set_defaults(func=cmd_demo)
 
     for ep in entry_points(group="ola.cli"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job, on the embedded default (tiny model, local Ray, no Redis, no GPU, no downloads):
+# The README's main job, on the embedded default (the shipped demo model, local Ray, no Redis, no GPU, no downloads):
 #   1. local inference with ola_model: a picture and a spoken question -> a streamed answer;
 #   2. the same request through the platform: `ola serve` (five Ray Serve apps behind the gRPC proxy) and
 #      `ola chat`, which streams the text and writes the sentence-wise speech to a WAV file.
@@ -15,8 +15,7 @@ echo "== 1. local inference (ola demo)"
 "$OLA" demo --out "$OUT" --max-new-tokens 48 "$QUESTION"
 
 echo "== 2. serving: ola serve on 127.0.0.1:$PORT"
-"$OLA" serve --port "$PORT" --checkpoint "$OUT/tiny-checkpoint" --version-name demo \
-  --ray-temp-dir "$PWD/.cache/ray" >"$OUT/serve.log" 2>&1 &
+"$OLA" serve --port "$PORT" --ray-temp-dir "$PWD/.cache/ray" >"$OUT/serve.log" 2>&1 &
 serve_pid=$!
 trap 'kill -INT $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do

@@ -29,11 +29,11 @@ def test_every_shipped_config_validates(path: Path):
         assert options["max_ongoing_requests"] >= 1
 
 
-def test_the_embedded_default_is_local_cpu_tiny_without_redis():
+def test_the_embedded_default_is_local_cpu_demo_model_without_redis():
     assert {p.name for p in SHIPPED} >= {"local.yaml", "production.yaml"}
     config = load_config()  # no path: local.yaml
     assert config == load_config(LOCAL_CONFIG)
-    assert [s.preset for s in config.models.versions.values()] == ["tiny"]
+    assert [s.builtin for s in config.models.versions.values()] == ["demo"]
     assert config.cache.resolve(environ={}).redis_url is None and config.sessions.url(environ={}) is None
     total_cpus = 0.0
     for name in ("vision", "audio", "llm", "tts", "gateway"):
