@@ -234,3 +234,41 @@ def mlflow_server(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Ite
     finally:
         _stop(proc)
         log_file.close()
+
+
+# ------------------------------------------------------------------------------------------------ event loops
+class BackgroundLoop:
+    """An event loop on a daemon thread: grpc.aio servers run on it, tests talk to them with synchronous gRPC."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-background-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60.0) -> Any:
+        """Run ``coro`` on the loop and wait for its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def new_background_loop() -> type[BackgroundLoop]:
+    """The class, for fixtures that own a loop's lifetime (test modules cannot import conftest)."""
+    return BackgroundLoop
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[BackgroundLoop]:
+    """One background loop per test module."""
+    lp = BackgroundLoop()
+    yield lp
+    lp.close()

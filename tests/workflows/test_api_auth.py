@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import uuid
-from collections.abc import Coroutine, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -26,36 +23,12 @@ from workflows.api.errors import InvalidArgument, NotFound
 from workflows.api.server import ApiServer, ServerConfig
 
 
-class Loop:
-    """A background event loop: the server runs on it, the test talks to it with synchronous gRPC."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[Loop]:
-    lp = Loop()
-    yield lp
-    lp.close()
-
-
 @pytest.fixture
 def prefix() -> str:
     return f"test-auth-{uuid.uuid4().hex[:8]}:"
 
 
-def _keys(loop: Loop, redis_url: str, prefix: str, pepper: str = "") -> ApiKeyStore:
+def _keys(loop, redis_url: str, prefix: str, pepper: str = "") -> ApiKeyStore:
     return ApiKeyStore(loop.run(_client(redis_url)), prefix=prefix, pepper=pepper)
 
 

@@ -18,13 +18,12 @@ can load it, so every chat it gets fails with FAILED_PRECONDITION / BACKEND_UNAV
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,23 +45,6 @@ from workflows.lifecycle.rollout import RegistryAliasStore, RolloutController
 WINDOW_S = 2.0  # analysis window of each canary step
 MIN_REQUESTS = 4  # challenger requests a window needs before it is judged
 METRICS = {"1": 0.70, "2": 0.71, "3": 0.75}  # eval.acc of each version: the broken one looks best offline
-
-
-class Loop:
-    """A background event loop hosting every grpc.aio server of the module; the test talks to them synchronously."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="e2e-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 async def _serve(*registrations: Callable[[grpc.aio.Server], Any]) -> tuple[grpc.aio.Server, int]:
@@ -98,7 +80,7 @@ class Lifecycle:
     redis_url: str
     prefix: str  # the rollout controller's Redis prefix (the API's and the gateways')
     registry: ModelRegistry
-    loop: Loop
+    loop: Any  # tests/conftest.py BackgroundLoop
     llm_address: str
     api_target: str
     keys: dict[str, str]  # role -> API key
@@ -232,7 +214,9 @@ def s3_creds() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def lc(mlflow_server, s3, s3_creds, redis_url, tiny_model, tiny_tok, tmp_path_factory) -> Iterator[Lifecycle]:
+def lc(
+    mlflow_server, s3, s3_creds, redis_url, tiny_model, tiny_tok, tmp_path_factory, new_background_loop
+) -> Iterator[Lifecycle]:
     from ola_model import save_checkpoint
     from services.llm import LLMServiceConfig, LLMServicer
     from services.llm import add_to_server as add_llm
@@ -282,7 +266,7 @@ def lc(mlflow_server, s3, s3_creds, redis_url, tiny_model, tiny_tok, tmp_path_fa
     }
     serving = ServingRegistry(RegistryConfig(versions=versions, default_version=f"{model}@1"))
     llm = LLMServicer(LLMServiceConfig(max_batch=8), registry=serving)
-    loop = Loop()
+    loop = new_background_loop()
     llm_server, llm_port = loop.run(_serve(lambda s: add_llm(s, llm)))
 
     prefix = f"e2e-{uuid.uuid4().hex[:8]}:"

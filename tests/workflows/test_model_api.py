@@ -4,11 +4,9 @@ promoted, and rolled back by the server's own controller ticks)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,23 +20,6 @@ from services.gen.ola.models.v1 import models_pb2_grpc
 from workflows.api.model_service import ModelServiceConfig
 from workflows.api.server import ApiServer, ServerConfig
 from workflows.lifecycle.rollout import append_samples
-
-
-class Loop:
-    """A background event loop: the server runs on it, the test talks to it with synchronous gRPC."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @dataclass
@@ -65,7 +46,7 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(mlflow_server: str, redis_url: str, tmp_path_factory) -> Iterator[Env]:
+def env(mlflow_server: str, redis_url: str, tmp_path_factory, new_background_loop) -> Iterator[Env]:
     import mlflow
 
     tmp = tmp_path_factory.mktemp("model-api")
@@ -85,7 +66,7 @@ def env(mlflow_server: str, redis_url: str, tmp_path_factory) -> Iterator[Env]:
     for tags in ({"eval.acc": "0.7"}, {"eval.acc": "0.72", "eval.wer": "0.1"}, {"eval.acc": "0.6"}, {"stage": "1a"}):
         client.create_model_version(model, source=f"s3://media/{model}/{uuid.uuid4().hex}", tags=tags)
 
-    loop = Loop()
+    loop = new_background_loop()
     prefix = f"test-models-{uuid.uuid4().hex[:8]}:"
     rollout_prefix = f"{prefix}rollout:"
     config = ServerConfig(

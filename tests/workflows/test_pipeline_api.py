@@ -11,11 +11,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +33,6 @@ from workflows.training.smoke_data import write_smoke_dataset
 REPO = Path(__file__).resolve().parents[2]
 JOB_ENV = {"TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"), "HF_HUB_OFFLINE": "1"}
 RUN_TIMEOUT_S = 300.0
-
-
-class Loop:
-    """A background event loop: servers run on it, the test talks to them with synchronous gRPC."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[Loop]:
-    lp = Loop()
-    yield lp
-    lp.close()
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +103,7 @@ def _cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def _start(loop: Loop, config: ServerConfig) -> tuple[ApiServer, str]:
+def _start(loop, config: ServerConfig) -> tuple[ApiServer, str]:
     server = ApiServer(config)
     port = loop.run(server.start())
     return server, f"127.0.0.1:{port}"
