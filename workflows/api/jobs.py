@@ -197,6 +197,15 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+# A launcher's rendezvous settings belong to the process that holds them (an API that once trained in-process, a
+# torchrun worker); a job is a process group of its own and must not inherit them.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _own_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+
+
 class SubprocessJobBackend:
     """Jobs as local process groups (see the module docstring). ``stop`` sends SIGTERM to the group, and SIGKILL
     when it is repeated after ``kill_after_s``."""
@@ -230,7 +239,7 @@ class SubprocessJobBackend:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.cwd,
-                env={**os.environ, **env, "OLA_JOB_DIR": str(directory)},
+                env={**_own_environment(), **env, "OLA_JOB_DIR": str(directory)},
                 start_new_session=True,  # its own process group: stop() signals the command and its children
             )
         self._children[job_id] = proc

@@ -135,9 +135,11 @@ def ensure_distributed(backend: str = "gloo") -> None:
     """
     if dist.is_initialized():
         return
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        # One process of its own: a fresh port every time. A MASTER_PORT inherited from a parent process that
+        # trained in-process (and still holds that port) would fail with EADDRINUSE.
+        port = str(free_port())
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend)
