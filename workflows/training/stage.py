@@ -604,6 +604,15 @@ def run_stage(
     on_ray = (ray if ray is not None else res.ray) or workers > 1
     if init_model is not None and not (Path(init_model) / "config.json").is_file():
         raise StageError(f"stage {stage}: the model it starts from, {init_model}, is not a checkpoint directory")
+    # Ray workers run in their own working directory: relative data roots are resolved here, against ours.
+    config = dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, root=str(Path(config.data.root).resolve())),
+        stages=[
+            dataclasses.replace(s, data_root=str(Path(s.data_root).resolve())) if s.data_root is not None else s
+            for s in config.stages
+        ],
+    )
     job = StageJob(
         config=config,
         stage=stage,
