@@ -222,6 +222,84 @@ def test_cancel_stops_the_job(loop, workspace, redis_url) -> None:
         loop.run(server.stop(0))
 
 
+# ------------------------------------------------------------------------- finished stages land in the registry
+def _tracked_config(workspace: Path, name: str, model_name: str, stages: list[dict[str, Any]]) -> str:
+    """Write a recipe that registers its finished stages as versions of ``model_name``; returns the config name."""
+    raw = {
+        "name": name,
+        "model": {"preset": "tiny", "seed": 0},
+        "data": {"root": str(workspace / "data")},
+        "defaults": {"batch_size": 2, "lr": 1e-3, "steps": 3, "save_every": 1, "max_length": 2048},
+        "stages": stages,
+        "registry": {"model_name": model_name},
+    }
+    (workspace / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    return name
+
+
+def _pipeline_id(output_dir: str) -> str:
+    """The pipeline run's id, kept by the job in ``OUT/pipeline.json`` (the registered versions carry it as a tag)."""
+    return json.loads(Path(output_dir, "pipeline.json").read_text())["pipeline_id"]
+
+
+def _assert_complete(registry: Any, model_name: str, pipeline_id: str, tmp: Path) -> list[str]:
+    """Every version the run registered is READY and downloads as a whole, verified checkpoint; returns its stages."""
+    stages = []
+    for info in registry.list_versions(model_name):
+        if info.tags.get("pipeline_id") != pipeline_id:
+            continue
+        assert info.status == "READY", f"version {info.version} is {info.status}"
+        out = registry.download_version(model_name, info.version, tmp / f"v{info.version}")
+        assert (out / "config.json").is_file()
+        stages.append(info.stage)
+    return stages
+
+
+def test_a_finished_run_registers_its_stages_and_a_cancelled_stage_registers_nothing(
+    loop, workspace, redis_url, mlflow_server, tmp_path
+) -> None:
+    from workflows.lifecycle.registry import ModelRegistry
+
+    model_name = f"api-reg-{uuid.uuid4().hex[:8]}"
+    v = {"name": "v", "trainable": ["mm_projector"], "data": {"caption": 1.0}}
+    w = {"name": "w", "trainable": ["mm_projector"], "data": {"caption": 1.0}, "steps": 100000, "save_every": 1000}
+    done_cfg = _tracked_config(workspace, "reg-done", model_name, [v])
+    cut_cfg = _tracked_config(workspace, "reg-cut", model_name, [v, w])
+    job_env = {**JOB_ENV, "MLFLOW_TRACKING_URI": mlflow_server}
+    prefix = f"test-reg-{uuid.uuid4().hex[:8]}:"
+    server, target = _start(loop, _config(workspace, redis_url, prefix, job_env=job_env))
+    _, key = loop.run(server.keys.create("ci", "trigger"))
+    client = Client(target, key)
+    registry = ModelRegistry(mlflow_server)
+    try:
+        data = str(workspace / "data")
+        done = client.StartRun(pb.StartRunRequest(config=done_cfg, data_root=data)).run
+        cut = client.StartRun(pb.StartRunRequest(config=cut_cfg, data_root=data)).run
+
+        events = list(client.WatchRun(pb.WatchRunRequest(run_id=done.run_id), timeout=RUN_TIMEOUT_S))
+        assert _kinds(events)[-2:] == ["state:SUCCEEDED", "finished:SUCCEEDED"]
+        done_id = _pipeline_id(done.output_dir)
+        version = registry.find_version(model_name, pipeline_id=done_id, stage="v")
+        assert version is not None and version.stage == "v" and version.tags["config_name"] == done_cfg
+        assert _assert_complete(registry, model_name, done_id, tmp_path) == ["v"]
+
+        # cancel the second run while its long stage w trains: v stays registered, w never appears
+        client.wait_for(
+            cut.run_id, lambda r: any(s.name == "w" and s.step >= 1 for s in r.stage_progress), timeout=RUN_TIMEOUT_S
+        )
+        client.CancelRun(pb.CancelRunRequest(run_id=cut.run_id))
+        last = list(client.WatchRun(pb.WatchRunRequest(run_id=cut.run_id), timeout=60))[-1]
+        assert last.run_finished.state == pb.RUN_STATE_CANCELLED
+        cut_id = _pipeline_id(cut.output_dir)
+        assert registry.find_version(model_name, pipeline_id=cut_id, stage="v") is not None
+        assert registry.find_version(model_name, pipeline_id=cut_id, stage="w") is None
+        assert _assert_complete(registry, model_name, cut_id, tmp_path) == ["v"]
+        assert not StagePaths(Path(cut.output_dir), "w").is_done()
+    finally:
+        client.close()
+        loop.run(server.stop(0))
+
+
 # ------------------------------------------------------------------------------------------ fast, no training
 def _record(run_id: str, state: RunState, key: str = "") -> RunRecord:
     return RunRecord(

@@ -1,6 +1,7 @@
 """Command line of the control-plane API: the server, API keys, and clients of PipelineService and ModelService.
 
     ola api serve --port 50051 --redis-url redis://HOST:6379/0 [--ray-address http://HEAD:8265] --runs-root DIR
+        [--deploy serve --serve-config PLATFORM.yaml | --deploy kuberay --rayservice NAME --namespace NS]
     ola apikey create --name ci-bot --role trigger        # prints the key once; Redis keeps only its digest
     ola apikey list [--all] | ola apikey revoke KEY_ID
     ola pipeline start --config tiny [--stages 1a,1b] [--data-root DIR] [--idempotency-key K] [--watch]
@@ -80,6 +81,37 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--no-models", action="store_true", help="serve PipelineService only (no MLflow needed)")
     p.add_argument("--prefix", default=None, help="Redis key prefix of keys and runs (default ola:api:)")
+    d = p.add_argument_group("deploying versions around rollouts (DeployingController)")
+    d.add_argument(
+        "--deploy",
+        choices=("none", "serve", "kuberay"),
+        default="none",
+        help="bring challengers up before they get traffic and remove them after: on a local Ray Serve (serve), "
+        "a KubeRay RayService (kuberay), or not at all (none, default)",
+    )
+    d.add_argument("--rayservice", default=None, help="the RayService name (required with --deploy kuberay)")
+    d.add_argument("--namespace", default="default", help="the RayService's namespace (default: default)")
+    d.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig file (default: in-cluster, then ~/.kube)")
+    d.add_argument(
+        "--serve-config", type=Path, default=None, help="the platform YAML `ola serve` runs (--deploy serve)"
+    )
+    d.add_argument("--serve-grpc-address", default=None, help="the Serve gRPC proxy (default: from --serve-config)")
+    d.add_argument(
+        "--models-root",
+        type=Path,
+        default=Path(".cache/models"),
+        help="where registered versions are downloaded before they are served (default .cache/models)",
+    )
+    d.add_argument("--served-root", default=None, help="--models-root as the replicas see it (default: the same)")
+    d.add_argument(
+        "--keep-previous",
+        type=float,
+        default=3600.0,
+        help="seconds the previous champion stays served after a promotion (default 3600)",
+    )
+    d.add_argument(
+        "--deploy-timeout", type=float, default=900.0, help="seconds a version may take to serve (default 900)"
+    )
     p.set_defaults(func=cmd_serve)
 
     keys = subparsers.add_parser("apikey", help="create, list and revoke API keys (directly in Redis)")
@@ -288,6 +320,33 @@ def _watch(client: _Client, run_id: str, after: str, as_json: bool) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- server
+def deploy_config(args: argparse.Namespace) -> Any:
+    """The :class:`~workflows.api.model_service.DeployConfig` of ``ola api serve``'s ``--deploy`` options (None for
+    ``--deploy none``). Raises ValueError naming the option that is missing or wrong."""
+    from workflows.api.model_service import DeployConfig
+
+    if args.deploy == "none":
+        return None
+    if args.no_models:
+        raise ValueError(f"--deploy {args.deploy}: needs the ModelService (drop --no-models)")
+    if args.deploy == "kuberay" and not args.rayservice:
+        raise ValueError("--rayservice: the RayService name is required with --deploy kuberay")
+    if args.deploy == "serve" and args.serve_config is None:
+        raise ValueError("--serve-config: the platform YAML `ola serve` runs is required with --deploy serve")
+    return DeployConfig(
+        kind=args.deploy,
+        rayservice=args.rayservice,
+        namespace=args.namespace,
+        kubeconfig=args.kubeconfig,
+        serve_config=args.serve_config,
+        serve_grpc_address=args.serve_grpc_address,
+        models_root=args.models_root.resolve(),
+        served_root=args.served_root,
+        keep_previous_s=args.keep_previous,
+        timeout_s=args.deploy_timeout,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import shlex
 
@@ -299,6 +358,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.poll_interval <= 0:
         print(f"error: --poll-interval must be > 0 seconds (got {args.poll_interval})", file=sys.stderr)
         return 2
+    try:
+        deploy = deploy_config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         redis_url=args.redis_url or os.environ.get("OLA_REDIS_URL") or DEFAULT_REDIS_URL,
         runs_root=args.runs_root.resolve(),
@@ -307,6 +371,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         config_dirs=[d.resolve() for d in args.config_dir] or [REPO_CONFIGS],
         pipeline_command=shlex.split(args.pipeline_command) if args.pipeline_command else default_pipeline_command(),
+        # jobs register their stages in the registry this server's ModelService reads
+        job_env={"MLFLOW_TRACKING_URI": args.mlflow_uri} if args.mlflow_uri else {},
         job_cwd=args.job_cwd,
         poll_interval_s=args.poll_interval,
         prefix=args.prefix or DEFAULT_PREFIX,
@@ -318,14 +384,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             policy_path=args.policy,
             rollout_models=args.rollout_model or ["ola"],
             rollout_tick_s=args.rollout_tick,
+            deploy=deploy,
         ),
     )
     import redis.exceptions
 
+    from workflows.lifecycle.deploy import DeployError
     from workflows.lifecycle.policy import PolicyError
 
     try:
         asyncio.run(serve(config))
+    except DeployError as exc:
+        print(f"error: --deploy {args.deploy}: {exc}", file=sys.stderr)
+        return 2
     except redis.exceptions.ConnectionError as exc:
         print(f"error: cannot reach Redis at {config.redis_url}: {exc}", file=sys.stderr)
         return 1

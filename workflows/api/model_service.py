@@ -47,6 +47,84 @@ _STATUS = {
 }
 
 
+DEPLOY_KINDS = ("none", "serve", "kuberay")
+
+
+@dataclass
+class DeployConfig:
+    """Whether and where the rollout controller brings versions up before they get traffic and removes them after
+    (:class:`~workflows.lifecycle.deploy.DeployingController`).
+
+    Attributes:
+        kind: ``none`` (the platform's versions are managed elsewhere; the controller only moves traffic shares),
+            ``serve`` (a local Ray Serve started by ``ola serve``: :class:`~workflows.lifecycle.deploy.ServeDeployer`)
+            or ``kuberay`` (a RayService: :class:`~workflows.lifecycle.deploy.KubeRayDeployer`).
+        rayservice, namespace: the RayService object (kuberay).
+        kubeconfig: a kubeconfig file (kuberay); None: the in-cluster config, else the default kubeconfig.
+        serve_config: the platform config ``ola serve`` runs (serve).
+        serve_grpc_address: the Serve gRPC proxy (serve); None: ``127.0.0.1:<proxy.grpc_port>`` of the config.
+        ray_address: the Ray cluster to join (serve).
+        models_root: where registered versions are downloaded before they are served.
+        served_root: ``models_root`` as the replicas see it (the model store's mount path in the Ray pods); None:
+            ``models_root`` itself.
+        keep_previous_s: how long the previous champion stays served after a promotion.
+        timeout_s: how long bringing a version up or down may take.
+    """
+
+    kind: str = "none"
+    rayservice: str | None = None
+    namespace: str = "default"
+    kubeconfig: Path | None = None
+    serve_config: Path | None = None
+    serve_grpc_address: str | None = None
+    ray_address: str = "auto"
+    models_root: Path = Path(".cache/models")
+    served_root: str | None = None
+    keep_previous_s: float = 3600.0
+    timeout_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DEPLOY_KINDS:
+            raise ValueError(f"deploy: must be one of {', '.join(DEPLOY_KINDS)}, got {self.kind!r}")
+        if self.kind == "kuberay" and not (self.rayservice or "").strip():
+            raise ValueError("rayservice: the RayService name is required with deploy=kuberay")
+        if self.kind == "kuberay" and not self.namespace.strip():
+            raise ValueError("namespace: must be a non-empty namespace with deploy=kuberay")
+        if self.kind == "serve" and self.serve_config is None:
+            raise ValueError("serve_config: the platform config of `ola serve` is required with deploy=serve")
+        if self.keep_previous_s < 0:
+            raise ValueError(f"keep_previous_s: must be >= 0 seconds, got {self.keep_previous_s}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s: must be > 0 seconds, got {self.timeout_s}")
+
+    def make_deployer(self) -> Any:
+        """The :class:`~workflows.lifecycle.deploy.VersionDeployer` of ``kind`` (None for ``none``)."""
+        from workflows.lifecycle.deploy import KubeRayDeployer, ServeDeployer
+
+        if self.kind == "kuberay":
+            from kubernetes import config as kube_config
+
+            from workflows.lifecycle.deploy import DeployError, _default_api_client
+
+            try:
+                if self.kubeconfig is not None:
+                    api_client = kube_config.new_client_from_config(config_file=str(self.kubeconfig))
+                else:
+                    api_client = _default_api_client()
+            except kube_config.ConfigException as exc:
+                where = self.kubeconfig or "in-cluster config or ~/.kube/config"
+                raise DeployError(f"kubeconfig: cannot load {where}: {exc}") from exc
+            return KubeRayDeployer(self.namespace, self.rayservice or "", api_client, timeout_s=self.timeout_s)
+        if self.kind == "serve":
+            return ServeDeployer(
+                self.serve_config,
+                grpc_address=self.serve_grpc_address,
+                ray_address=self.ray_address,
+                timeout_s=self.timeout_s,
+            )
+        return None
+
+
 @dataclass
 class ModelServiceConfig:
     """How ModelService reaches the lifecycle.
@@ -58,6 +136,7 @@ class ModelServiceConfig:
         version_format: the gateway's name of a registry version (``{name}@{version}``).
         rollout_models: models whose rollouts this server ticks.
         rollout_tick_s: seconds between ticks; 0: this server does not tick (another process runs the controller).
+        deploy: how versions are brought up and removed around rollouts; None or kind ``none``: not at all.
     """
 
     tracking_uri: str | None = None
@@ -66,6 +145,7 @@ class ModelServiceConfig:
     version_format: str = "{name}@{version}"
     rollout_models: list[str] = field(default_factory=lambda: ["ola"])
     rollout_tick_s: float = 0.0
+    deploy: DeployConfig | None = None
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -131,11 +211,16 @@ def _lifecycle_errors(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        from workflows.lifecycle.deploy import DeployError, DeployTimeout
         from workflows.lifecycle.errors import InvalidAlias, ModelNotFound, RegistryError
         from workflows.lifecycle.rollout import RolloutError
 
         try:
             return fn(*args, **kwargs)
+        except DeployTimeout as exc:
+            raise Unavailable(f"the platform did not serve the change in time: {exc}") from exc
+        except DeployError as exc:  # a version that cannot be served: no rollout was started
+            raise FailedPrecondition(str(exc)) from exc
         except ModelNotFound as exc:
             raise NotFound(str(exc)) from exc
         except InvalidAlias as exc:
@@ -183,6 +268,9 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         self.aliases = RegistryAliasStore(registry)
         self._controllers: dict[str, Any] = {}
         self._ticker: asyncio.Task | None = None
+        deploy = config.deploy if config.deploy is not None and config.deploy.kind != "none" else None
+        self.deploy = deploy
+        self.deployer = deploy.make_deployer() if deploy is not None else None
 
     @classmethod
     def from_config(cls, config: ModelServiceConfig, redis_url: str) -> ModelServicer:
@@ -195,11 +283,16 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
         )
 
     def controller(self, model_name: str) -> Any:
-        """The canary controller of a model (one per model, shared by the calls)."""
+        """The canary controller of a model (one per model, shared by the calls).
+
+        With a deployer configured it is a :class:`~workflows.lifecycle.deploy.DeployingController`: StartRollout
+        brings the challenger up first (the call returns once it serves), ticks, aborts and promotions remove what
+        is no longer needed; registered versions are downloaded under ``deploy.models_root`` before they are served.
+        """
         from workflows.lifecycle.rollout import DEFAULT_PREFIX, RolloutController
 
         if model_name not in self._controllers:
-            self._controllers[model_name] = RolloutController(
+            controller = RolloutController(
                 self.redis,
                 model_name,
                 self.policy,
@@ -207,6 +300,14 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
                 prefix=self.config.rollout_prefix or DEFAULT_PREFIX,
                 version_format=self.config.version_format,
             )
+            if self.deployer is not None and self.deploy is not None:
+                from workflows.lifecycle.deploy import DeployingController, registry_source
+
+                source_of = registry_source(self.registry, model_name, self.deploy.models_root, self.deploy.served_root)
+                controller = DeployingController(
+                    controller, self.deployer, source_of, keep_previous_s=self.deploy.keep_previous_s
+                )
+            self._controllers[model_name] = controller
         return self._controllers[model_name]
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:

@@ -7,6 +7,11 @@ Without ``--ray-address`` runs are local processes on this host (:class:`~workfl
 their state under ``<runs root>/.jobs``). On start the server re-attaches to the runs Redis says are still active;
 on SIGTERM it stops accepting calls, lets running calls finish for a grace period, and leaves the jobs running (a
 restarted server picks them up again).
+
+With ``--deploy serve|kuberay`` (:class:`workflows.api.model_service.DeployConfig` in ``ServerConfig.models``) the
+rollout controllers this server runs are :class:`workflows.lifecycle.deploy.DeployingController` objects: a challenger
+is downloaded from the registry and brought up before it takes traffic, and removed after a rollback or abort; after
+a promotion the previous champion is removed once its sessions had time to finish.
 """
 
 from __future__ import annotations
