@@ -207,3 +207,37 @@ def test_deploy_config_checks_its_fields(tmp_path) -> None:
     missing = tmp_path / "no-such-kubeconfig"
     with pytest.raises(DeployError, match=r"^kubeconfig: cannot load .*no-such-kubeconfig"):
         DeployConfig(kind="kuberay", rayservice=NAME, kubeconfig=missing).make_deployer()
+
+
+def test_probe_gateway_gives_the_controller_the_policy_probes_through_the_gateway(loop, redis_url, tmp_path) -> None:
+    """``--probe-gateway``: the canary's quality probes are asked through the omni gateway, the version pinned."""
+    from services.rollout import OmniProbe
+
+    args = _args(["--probe-gateway", "127.0.0.1:9000"])
+    assert args.probe_gateway == "127.0.0.1:9000"
+    models = ModelServiceConfig(tracking_uri="http://127.0.0.1:9", probe_gateway=args.probe_gateway)
+    server = ApiServer(ServerConfig(redis_url=redis_url, runs_root=tmp_path / "runs", port=0, models=models))
+    loop.run(server.start())
+    try:
+        probe = server.model_servicer.controller("ola").probe
+        assert isinstance(probe, OmniProbe) and probe.target == "127.0.0.1:9000"
+        assert probe.probes == server.model_servicer.policy.probe_set and probe.probes  # the shipped probes
+        assert probe.metadata == (("application", "omni"),)  # through Serve's gRPC proxy
+        # nothing answers at that address: every probe counts wrong, which is what a dead challenger must score
+        probe.timeout_s = 2.0
+        assert probe("ola@1") == 0.0
+    finally:
+        loop.run(server.stop(0))
+    plain = ApiServer(
+        ServerConfig(
+            redis_url=redis_url,
+            runs_root=tmp_path / "runs2",
+            port=0,
+            models=ModelServiceConfig(tracking_uri="http://127.0.0.1:9"),
+        )
+    )
+    loop.run(plain.start())
+    try:
+        assert plain.model_servicer.controller("ola").probe is None  # no gateway: probes skipped, as the audit says
+    finally:
+        loop.run(plain.stop(0))

@@ -79,6 +79,13 @@ def register(subparsers: Any) -> None:
         default=5.0,
         help="seconds between rollout ticks; 0: another process ticks (default 5)",
     )
+    p.add_argument(
+        "--probe-gateway",
+        default=None,
+        metavar="HOST:PORT",
+        help="the omni gateway the canary's quality probes are asked through (the Serve gRPC proxy); "
+        "default: probes are skipped",
+    )
     p.add_argument("--no-models", action="store_true", help="serve PipelineService only (no MLflow needed)")
     p.add_argument("--prefix", default=None, help="Redis key prefix of keys and runs (default ola:api:)")
     d = p.add_argument_group("deploying versions around rollouts (DeployingController)")
@@ -385,6 +392,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             rollout_models=args.rollout_model or ["ola"],
             rollout_tick_s=args.rollout_tick,
             deploy=deploy,
+            probe_gateway=args.probe_gateway,
         ),
     )
     import redis.exceptions

@@ -12,7 +12,8 @@ state in Redis). Those are synchronous (MLflow's client, a sync Redis client), s
 
 The canary controller's ``tick`` must run somewhere: with ``rollout_tick_s > 0`` this server ticks the rollouts of
 ``rollout_models`` (any number of servers may: the controller's transitions are compare-and-set). Quality probes
-need a model gateway and are not run from here (the audit log says they were skipped).
+(the policy's fixed prompts with known answers) are asked through the omni gateway at ``probe_gateway`` with the
+version pinned (:class:`services.rollout.OmniProbe`); without one they are skipped and the audit log says so.
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ class ModelServiceConfig:
         rollout_models: models whose rollouts this server ticks.
         rollout_tick_s: seconds between ticks; 0: this server does not tick (another process runs the controller).
         deploy: how versions are brought up and removed around rollouts; None or kind ``none``: not at all.
+        probe_gateway: ``host:port`` of the omni gateway the quality probes go through; None: probes are skipped.
+        probe_metadata: gRPC metadata of the probe calls (``(("application", "omni"),)`` through Serve's proxy).
     """
 
     tracking_uri: str | None = None
@@ -146,6 +149,8 @@ class ModelServiceConfig:
     rollout_models: list[str] = field(default_factory=lambda: ["ola"])
     rollout_tick_s: float = 0.0
     deploy: DeployConfig | None = None
+    probe_gateway: str | None = None
+    probe_metadata: tuple[tuple[str, str], ...] | None = (("application", "omni"),)
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -282,6 +287,14 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
             ModelRegistry(config.tracking_uri), load_policy(config.policy_path), redis.Redis.from_url(redis_url), config
         )
 
+    def _probe(self) -> Callable[[str], float] | None:
+        """The quality probe of the canary: the policy's probes through the gateway, or None (skipped)."""
+        if not self.config.probe_gateway or not self.policy.probe_set:
+            return None
+        from services.rollout import OmniProbe
+
+        return OmniProbe(self.config.probe_gateway, self.policy.probe_set, metadata=self.config.probe_metadata)
+
     def controller(self, model_name: str) -> Any:
         """The canary controller of a model (one per model, shared by the calls).
 
@@ -297,6 +310,7 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
                 model_name,
                 self.policy,
                 self.aliases,
+                probe=self._probe(),
                 prefix=self.config.rollout_prefix or DEFAULT_PREFIX,
                 version_format=self.config.version_format,
             )
