@@ -447,3 +447,21 @@ def test_a_promotion_moves_the_aliases_of_a_real_mlflow_registry(mlflow_server, 
     ctl.promote("approved")
     assert registry.get_alias(name, "champion").version == "2"
     assert aliases.get_alias(name, "challenger") is None  # a missing alias reads as None, not an error
+
+
+@pytest.mark.parametrize(("errors", "action"), [(1, "hold"), (2, "rollback")])
+def test_an_error_breach_certain_before_min_requests_rolls_back_at_once(env, errors, action):
+    """Low traffic: a dead challenger is judged as soon as its errors alone exceed the allowed rate over
+    ``min_requests``, whatever the missing requests would do (2 errors: at least 2/20 = 0.10 > 0.05); one error
+    (1/20 = 0.05, not over the limit) waits for the traffic."""
+    ctl = env.controller()
+    ctl.start_rollout("2")
+    env.traffic(challenger=3, errors=errors / 3)
+    decision = ctl.tick()
+    assert decision.action == action, decision.reasons
+    if action == "hold":
+        assert "window open: 3/20" in decision.reasons[0]
+        assert ctl.state().status == "running"
+    else:
+        assert f"error rate certain to breach: {errors} errors in 3 requests" in decision.reasons[0]
+        assert ctl.state().status == "rolled_back" and env.aliases.get_alias("ola", "champion") == "1"

@@ -8,7 +8,8 @@ every few seconds by :meth:`RolloutController.run_controller`, judges each step'
 - **hold**: the window is still open, or the challenger has not served ``min_requests`` in it yet;
 - **rollback**: a breach of the canary thresholds (error rate, p95 latency, p95 time to first token against the
   champion over the same window) or of the quality probes: the share drops to 0, the champion alias is left alone,
-  the reasons are recorded. A breach rolls back as soon as the challenger has ``min_requests`` in the window, without
+  the reasons are recorded. A breach rolls back as soon as the challenger has ``min_requests`` in the window (an
+  error-rate breach even earlier, once it is certain whatever the missing requests do), without
   waiting for the window to end;
 - **advance**: the window is complete and healthy, the probes pass: the next step's share, a new window;
 - **promote**: the last step (100 %) passed: the registry's ``champion`` alias moves to the challenger and the
@@ -546,6 +547,10 @@ class RolloutController:
             breaches = self._breaches(challenger, baseline)
             if breaches:
                 return self._rollback(state, breaches, now, stats)
+        else:
+            certain = self._certain_error_breach(challenger, baseline)
+            if certain:
+                return self._rollback(state, [certain], now, stats)
         if now < window_end:
             reasons = [
                 f"window open: {challenger.requests}/{plan.min_requests} challenger requests, "
@@ -580,6 +585,23 @@ class RolloutController:
         self._commit(state, new, self._entry(new, "advance", reasons, now, stats))
         log.info("rollout %s advanced to step %d (%g %%)", state.id, index, new.share)
         return Decision("advance", reasons, new)
+
+    def _certain_error_breach(self, challenger: WindowStats, baseline: WindowStats | None) -> str | None:
+        """A breach already certain before ``min_requests``: the challenger's errors exceed the allowed error rate
+        even if every request still missing to ``min_requests`` succeeds. Deciding then cannot change the verdict and
+        cuts the reaction time at low traffic (a dead challenger fails every request it gets)."""
+        if challenger.errors == 0:
+            return None
+        minimum = self.plan.min_requests
+        base_rate = baseline.error_rate if baseline is not None else 0.0
+        best_case = challenger.errors / minimum  # the remaining requests all succeed
+        if best_case - base_rate > self.plan.thresholds.max_error_rate_increase + _EPS:
+            return (
+                f"error rate certain to breach: {challenger.errors} errors in {challenger.requests} requests, at least "
+                f"{best_case:.3f} over min_requests {minimum} vs champion {base_rate:.3f} (max_error_rate_increase "
+                f"{self.plan.thresholds.max_error_rate_increase:g})"
+            )
+        return None
 
     def _breaches(self, challenger: WindowStats, baseline: WindowStats | None) -> list[str]:
         limits = self.plan.thresholds
