@@ -28,16 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import format_table, machine_info, write_json
+from workflows.eval.runner import SYNTH_METRICS
 
-METRICS = (
-    "image_qa_accuracy",
-    "ocr_accuracy",
-    "video_qa_accuracy",
-    "video_audio_qa_accuracy",
-    "video_audio_qa_accuracy_without_audio",
-    "asr_wer",
-    "sound_qa_accuracy",
-)
 LOWER_IS_BETTER = {"asr_wer"}
 
 
@@ -118,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             for arm, model in models.items()
         }
     rows: list[dict[str, Any]] = []
-    for key in METRICS:
+    for key in SYNTH_METRICS:
         a, b = reports["progressive"][key], reports["mixed"][key]
         better = None
         if a is not None and b is not None:

@@ -53,6 +53,7 @@ from workflows.lifecycle.rollout import (
     RolloutController,
     RolloutError,
     RolloutState,
+    tick_forever,
 )
 
 log = logging.getLogger(__name__)
@@ -772,20 +773,9 @@ class DeployingController:
         self, interval: float = 5.0, stop: threading.Event | None = None, max_ticks: int | None = None
     ) -> None:
         """Tick (and reconcile) every ``interval`` seconds until ``stop`` is set; errors are logged."""
-        if interval <= 0:
-            raise ValueError(f"interval: must be > 0 seconds, got {interval}")
-        stop = stop or threading.Event()
-        ticks = 0
-        while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
-            try:
-                decision = self.controller.tick()
-                if decision.action not in ("idle", "hold"):
-                    log.info("rollout tick: %s (%s)", decision.action, "; ".join(decision.reasons))
-            except Exception:
-                log.exception("rollout tick of %s failed", self.model_name)
-            self._reconcile_logged(None)
-            ticks += 1
-            stop.wait(interval)
+        tick_forever(
+            self.controller.tick, self.model_name, interval, stop, max_ticks, after=lambda: self._reconcile_logged(None)
+        )
 
     # -------------------------------------------------------------------------------------------- reconciling
     def _reconcile_logged(self, now: float | None) -> None:

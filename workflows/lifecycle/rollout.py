@@ -520,19 +520,7 @@ class RolloutController:
         self, interval: float = 5.0, stop: threading.Event | None = None, max_ticks: int | None = None
     ) -> None:
         """Tick every ``interval`` seconds until ``stop`` is set (or ``max_ticks`` ticks); errors are logged."""
-        if interval <= 0:
-            raise ValueError(f"interval: must be > 0 seconds, got {interval}")
-        stop = stop or threading.Event()
-        ticks = 0
-        while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
-            try:
-                decision = self.tick()
-                if decision.action not in ("idle", "hold"):
-                    log.info("rollout tick: %s (%s)", decision.action, "; ".join(decision.reasons))
-            except Exception:  # Redis down, a failing alias store: the loop goes on
-                log.exception("rollout tick of %s failed", self.model_name)
-            ticks += 1
-            stop.wait(interval)
+        tick_forever(self.tick, self.model_name, interval, stop, max_ticks)
 
     # -------------------------------------------------------------------------------------------- judging
     def _judge(self, state: RolloutState, now: float) -> Decision:
@@ -764,3 +752,32 @@ class RolloutController:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def tick_forever(
+    tick: Callable[[], Decision],
+    model_name: str,
+    interval: float = 5.0,
+    stop: threading.Event | None = None,
+    max_ticks: int | None = None,
+    after: Callable[[], None] | None = None,
+) -> None:
+    """Call ``tick`` (then ``after``) every ``interval`` seconds until ``stop`` is set or ``max_ticks`` ticks ran.
+
+    A failing tick is logged and the loop goes on (Redis down, a failing alias store); ``after`` logs its own errors.
+    """
+    if interval <= 0:
+        raise ValueError(f"interval: must be > 0 seconds, got {interval}")
+    stop = stop or threading.Event()
+    ticks = 0
+    while not stop.is_set() and (max_ticks is None or ticks < max_ticks):
+        try:
+            decision = tick()
+            if decision.action not in ("idle", "hold"):
+                log.info("rollout tick: %s (%s)", decision.action, "; ".join(decision.reasons))
+        except Exception:
+            log.exception("rollout tick of %s failed", model_name)
+        if after is not None:
+            after()
+        ticks += 1
+        stop.wait(interval)
