@@ -522,29 +522,14 @@ class LLMDeployment(_ModelDeployment):
 
     def _release(self) -> None:
         """Drop the engines (model, KV cache) of removed versions too; a busy one once its requests have ended."""
-        busy = self._drop_engines()
+        busy = self.servicer.drop_stale_engines()
         super()._release()
         task = getattr(self, "_release_task", None)
         if busy and (task is None or task.done()):
             self._release_task = asyncio.get_running_loop().create_task(self._release_when_idle())
 
-    def _drop_engines(self) -> list[str]:
-        """Drop every engine whose weights the registry no longer serves; returns the versions still busy."""
-        registry = self.servicer.registry
-        engines = self.servicer._engines  # the servicer's engine per version (it has no public way to drop one)
-        busy = []
-        for version, state in list(engines.items()):
-            if registry.is_loaded(version) and registry.get(version) is state.loaded:
-                continue
-            if state.streams or state.engine.has_work():
-                busy.append(version)  # its requests finish on it (the driver steps every engine in the dict)
-                continue
-            del engines[version]
-            log.info("llm: dropped the engine of model version %s", version)
-        return busy
-
     async def _release_when_idle(self) -> None:
-        while self._drop_engines():
+        while self.servicer.drop_stale_engines():
             await asyncio.sleep(0.5)
         super()._release()
 

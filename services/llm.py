@@ -183,6 +183,20 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
         return state.engine if state else None
 
     # ------------------------------------------------------------------------------------------------ engines
+    def drop_stale_engines(self) -> list[str]:
+        """Drop every engine (model, KV cache) whose weights the registry no longer serves; returns the versions
+        still busy, whose requests finish on their engine (the driver steps every engine it holds)."""
+        busy = []
+        for version, state in list(self._engines.items()):
+            if self.registry.is_loaded(version) and self.registry.get(version) is state.loaded:
+                continue
+            if state.streams or state.engine.has_work():
+                busy.append(version)
+                continue
+            del self._engines[version]
+            log.info("llm: dropped the engine of model version %s", version)
+        return busy
+
     def _state(self, loaded: LoadedModel) -> _EngineState:
         state = self._engines.get(loaded.version)
         if state is None:
