@@ -2,16 +2,22 @@
 
 1. Throughput: N concurrent chats through the services (gateway -> encoders -> LLM with continuous batching) vs the
    same requests answered one at a time by ``ola_model`` local generation (the shape of Ola's ``infer.py``), at
-   N = 1, 4, 8, 16. Same weights (one model version), same greedy decoding, same number of new tokens.
+   N = 1, 4, 8, 16; chats with one fresh 320×240 image each, then text chats. Same weights (one model version),
+   same greedy decoding, same number of new tokens.
 2. Encoder cache: EncodeImages / EncodeVideo of a repeated input, hit vs miss.
 3. Time to first audio: sentence-wise speech while the LLM goes on vs speaking the whole answer after it finishes,
-   on answers of at least 3 sentences. The answers come from a second model version, "talker": the tiny model whose
-   LLM is trained here (a few seconds) to answer any question with a fixed paragraph of several sentences, since
-   the synthetic-data demo model answers in a word or a phrase. Only the answer's length matters to this
-   comparison; the path (gateway, LLM service, sentence cutting, TTS) is the real one.
+   on answers of 3, 4, 6 and 8 sentences. The answers come from "talker" model versions: tiny models whose LLM is
+   trained here (seconds each) to answer any question with a fixed paragraph of that many sentences, since the
+   synthetic-data demo model answers in a word or a phrase. Only the answer's length matters to this comparison;
+   the path (gateway, LLM service, sentence cutting, TTS) is the real one.
+4. Vision replicas: an image-heavy load (2 images per chat, 8-token answers) through a gateway that balances over
+   1, then 2 vision encoder replicas, the LLM service untouched (the same process throughout). The images are
+   1000×750 JPEG photos (smooth content). Each vision replica is pinned to one CPU, as a replica owns the
+   device it is given (``--no-pin`` lets them float).
 
-Everything runs on this machine over real gRPC on loopback (grpc.aio servers in a background event loop, real
-espeak-ng). Run: ``.venv/bin/python -m bench.serving [--json OUT]``.
+Everything runs on this machine over real gRPC on loopback, real espeak-ng, with every service in its own process
+as Ray Serve runs them (a replica is a process; model processes use one torch thread) and the clients in processes
+of their own. Run: ``.venv/bin/python -m bench.serving [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
+import shutil
 import statistics
 import sys
 import threading
@@ -32,18 +40,31 @@ import numpy as np
 from PIL import Image
 
 from bench._common import format_table, machine_info, write_json
+from ola_model.engine import LLMEngine
 from ola_model.generation import generate_ids
+from services.gen.ola.omni.v1 import omni_pb2_grpc
+from services.gen.ola.vision.v1 import vision_pb2_grpc
 
 VERSION = "tiny"
-TALKER = "talker"
-PARAGRAPH = (
-    "The picture shows three red circles on the left. A blue square sits in the middle of the scene. "
-    "Two green triangles point upward on the right. The background is a plain light gray."
+SENTENCES = (
+    "The picture shows three red circles on the left.",
+    "A blue square sits in the middle of the scene.",
+    "Two green triangles point upward on the right.",
+    "The background is a plain light gray.",
+    "A thin black line runs along the bottom edge.",
+    "The circles are about the same size as the square.",
+    "Nothing in the scene overlaps anything else.",
+    "Overall it looks like a simple shape puzzle.",
 )
 
 
-def train_talker(out_dir, steps: int = 120, seed: int = 0):
-    """Save a tiny checkpoint whose LLM answers every chat prompt with ``PARAGRAPH`` (trained here, ~seconds)."""
+def talker_version(sentences: int) -> str:
+    return f"talker-{sentences}"
+
+
+def train_talker(out_dir, sentences: int, steps: int = 120, seed: int = 0):
+    """Save a tiny checkpoint whose LLM answers every chat prompt with the first ``sentences`` of ``SENTENCES``
+    (trained here, seconds)."""
     import torch
     import torch.nn.functional as F
 
@@ -54,7 +75,7 @@ def train_talker(out_dir, steps: int = 120, seed: int = 0):
     torch.manual_seed(seed)
     tok = tiny_tokenizer()
     model = build_model(OlaConfig.from_name("tiny"), seed=seed)
-    answer = tok(PARAGRAPH + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    answer = tok(" ".join(SENTENCES[:sentences]) + "<|im_end|>", add_special_tokens=False)["input_ids"]
     optimizer = torch.optim.AdamW(model.llm.parameters(), lr=3e-3)
     for step in range(steps):
         question = f"Tell me about picture number {step % 7}. Describe it in several sentences."
@@ -71,16 +92,6 @@ def train_talker(out_dir, steps: int = 120, seed: int = 0):
         loss.backward()
         optimizer.step()
     return save_checkpoint(model, out_dir, tokenizer=tok)
-
-
-class _Loop:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 300.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
 def _png(seed: int, size: tuple[int, int]) -> bytes:
@@ -108,63 +119,198 @@ def _mp4(frames: int, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-class Stack:
-    """Encoders + LLM (one grpc.aio server), TTS, and the gateway, all on loopback."""
+_OPTIONS = [("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]
 
-    def __init__(self, max_batch: int = 16, talker=None) -> None:
-        from services.audio import AudioEncoderServicer
-        from services.audio import add_to_server as add_audio
-        from services.gateway import GatewayConfig, GrpcBackends, OmniGateway, OmniServicer
-        from services.gen.ola.omni.v1 import omni_pb2_grpc
-        from services.gen.ola.vision.v1 import vision_pb2_grpc
-        from services.llm import LLMServiceConfig, LLMServicer
-        from services.llm import add_to_server as add_llm
-        from services.registry import ModelRegistry, ModelSource, RegistryConfig
-        from services.tts.servicer import TTSServicer, build_server
-        from services.vision import VisionEncoderServicer
-        from services.vision import add_to_server as add_vision
 
-        self.aio = _Loop()
-        self.servers: list[grpc.aio.Server] = []
-        versions = {VERSION: ModelSource(preset="tiny", seed=0)}
-        if talker is not None:
-            versions[TALKER] = ModelSource(checkpoint=talker)
-        self.registry = ModelRegistry(RegistryConfig(versions=versions, default_version=VERSION))
-        self.llm = LLMServicer(LLMServiceConfig(max_batch=max_batch), registry=self.registry)
-        self.vision = VisionEncoderServicer(registry=self.registry)
-        audio = AudioEncoderServicer(registry=self.registry)
+def _versions(talkers: dict[str, str] | None) -> dict[str, Any]:
+    from services.registry import ModelSource
 
-        async def start(register) -> int:
-            server = grpc.aio.server(
-                options=[("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]
+    versions = {VERSION: ModelSource(preset="tiny", seed=0)}
+    for name, path in (talkers or {}).items():
+        versions[name] = ModelSource(checkpoint=path)
+    return versions
+
+
+def _serve_role(role: str, args: dict[str, Any], conn) -> None:
+    """A child process serving one role on a loopback port (sent back through ``conn``) until it is terminated.
+
+    ``llm``: the LLM service (and the audio encoder); ``vision``: one vision encoder replica; ``gateway``: the omni
+    gateway with espeak-ng TTS (its TTS address is sent first). The ``llm`` role answers ``"stats"`` on ``conn`` with
+    its largest batch since the last question. Model processes run torch on one thread: one replica per CPU.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    if args.get("cpu") is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {args["cpu"]})
+
+    async def serve() -> None:
+        from services.registry import ModelRegistry, RegistryConfig
+
+        server = grpc.aio.server(options=_OPTIONS)
+        keep: list[Any] = []
+        if role in ("llm", "vision"):
+            registry = ModelRegistry(RegistryConfig(versions=_versions(args.get("talkers")), default_version=VERSION))
+        if role == "llm":
+            from services.audio import AudioEncoderServicer
+            from services.audio import add_to_server as add_audio
+            from services.llm import LLMServiceConfig, LLMServicer
+            from services.llm import add_to_server as add_llm
+
+            llm = LLMServicer(
+                LLMServiceConfig(max_batch=args["max_batch"], stream_interval_ms=args["stream_interval_ms"]),
+                registry=registry,
             )
-            register(server)
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            self.servers.append(server)  # keep a reference: an unreferenced server is collected and stops
-            return port
+            add_audio(server, AudioEncoderServicer(registry=registry), add_llm(server, llm))
 
-        def register_models(server) -> None:
-            health = add_llm(server, self.llm)
-            add_vision(server, self.vision, health)
-            add_audio(server, audio, health)
+            def stats() -> None:
+                while conn.recv() == "stats":
+                    conn.send({"max_batch": llm.max_batch_size})
+                    llm.max_batch_size = 0
 
-        model_port = self.aio.run(start(register_models))
-        self.tts_server, tts_port = build_server(TTSServicer.from_config({"sample_rate": 16000}))
-        self.tts_target = f"127.0.0.1:{tts_port}"
+            threading.Thread(target=stats, daemon=True).start()
+        elif role == "vision":
+            from services.vision import VisionEncoderServicer
+            from services.vision import add_to_server as add_vision
 
-        async def gateway():
-            backends = GrpcBackends(*(f"127.0.0.1:{p}" for p in (model_port, model_port, model_port, tts_port)))
-            return OmniGateway(backends, GatewayConfig(default_model_version=VERSION))
+            add_vision(server, VisionEncoderServicer(registry=registry))
+        else:
+            from services.gateway import GatewayConfig, GrpcBackends, OmniGateway, OmniServicer
+            from services.tts.servicer import TTSServicer, build_server
 
-        gw = self.aio.run(gateway())
-        port = self.aio.run(start(lambda s: omni_pb2_grpc.add_OmniServiceServicer_to_server(OmniServicer(gw), s)))
-        options = [("grpc.max_receive_message_length", 1 << 28)]
-        self.omni = omni_pb2_grpc.OmniServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}", options=options))
-        self.vision_stub = vision_pb2_grpc.VisionEncoderServiceStub(
-            grpc.insecure_channel(f"127.0.0.1:{model_port}", options=options)
+            tts_server, tts_port = build_server(TTSServicer.from_config({"sample_rate": 16000}))
+            keep.append(tts_server)
+            backends = GrpcBackends(args["vision"], args["llm"], args["llm"], f"127.0.0.1:{tts_port}")
+            gateway = OmniGateway(backends, GatewayConfig(default_model_version=VERSION))
+            omni_pb2_grpc.add_OmniServiceServicer_to_server(OmniServicer(gateway), server)
+            conn.send({"tts": f"127.0.0.1:{tts_port}"})
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        conn.send(f"127.0.0.1:{port}")
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def _photo(seed: int, size: tuple[int, int]) -> bytes:
+    """A JPEG of smooth random content (an upscaled 8×6 noise image), sized like a phone photo's preview."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    small.resize(size, Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _chat_load(target: str, n: int, seed: int, images: int, new_tokens: int, photos: bool, conn) -> None:
+    """A client process: ``n`` concurrent chats with ``images`` fresh images each (320×240 noise PNGs, or 640×480
+    JPEG photos 1000×750); sends (completion tokens, seconds)."""
+    from services.gen.ola.common.v1 import media_pb2
+    from services.gen.ola.omni.v1 import omni_pb2
+
+    stub = omni_pb2_grpc.OmniServiceStub(grpc.insecure_channel(target, options=_OPTIONS))
+    make = (lambda k: _photo(k, (1000, 750))) if photos else (lambda k: _png(k, (320, 240)))
+    pictures = [[make(seed + 100 * i + j) for j in range(images)] for i in range(n)]
+
+    def chat(i: int) -> int:
+        req = omni_pb2.ChatRequest(
+            text=_question(i),
+            images=[media_pb2.MediaRef(inline_data=p) for p in pictures[i]],
+            sampling=_sampling(new_tokens),
         )
-        self.pipeline = self.registry.get(VERSION).pipeline
+        tokens = 0
+        for event in stub.Chat(req, timeout=600):
+            if event.HasField("usage"):
+                tokens = event.usage.completion_tokens
+        return tokens
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        tokens = sum(pool.map(chat, range(n)))
+    conn.send((tokens, time.perf_counter() - start))
+
+
+def _question(i: int) -> str:
+    return f"Question {i}: what do you see?"
+
+
+class Stack:
+    """The services as separate processes on loopback, as Ray Serve runs them (a replica is a process): the LLM
+    service (with the audio encoder), ``vision_replicas`` vision encoder replicas, and one gateway (with TTS) per
+    entry of ``gateways`` (how many vision replicas it balances over, round robin). Clients are processes of their
+    own (:meth:`load`)."""
+
+    def __init__(
+        self,
+        max_batch: int = 16,
+        talkers: dict[str, str] | None = None,
+        stream_interval_ms: float = 20.0,
+        vision_replicas: int = 1,
+        gateways: tuple[int, ...] = (1,),
+        pin_vision: bool = False,
+    ) -> None:
+        import multiprocessing
+
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: list[Any] = []
+        self._tts = ""
+        args = {"max_batch": max_batch, "stream_interval_ms": stream_interval_ms, "talkers": talkers}
+        self.llm_target, self._llm_conn = self._start("llm", args)
+        cpus = sorted(os.sched_getaffinity(0)) if pin_vision and hasattr(os, "sched_getaffinity") else []
+        self.vision_targets = [
+            self._start("vision", {**args, "cpu": cpus[k % len(cpus)] if cpus else None})[0]
+            for k in range(vision_replicas)
+        ]
+        self.gateway_targets: dict[int, str] = {}
+        for replicas in gateways:
+            vision = ",".join(self.vision_targets[:replicas])
+            self.gateway_targets[replicas], _ = self._start("gateway", {"vision": vision, "llm": self.llm_target})
+        self.tts_target = self._tts
+        self.omni = omni_pb2_grpc.OmniServiceStub(
+            grpc.insecure_channel(self.gateway_targets[gateways[0]], options=_OPTIONS)
+        )
+        self.vision_stub = vision_pb2_grpc.VisionEncoderServiceStub(
+            grpc.insecure_channel(self.vision_targets[0], options=_OPTIONS)
+        )
+        from services.registry import ModelRegistry, RegistryConfig
+
+        registry = ModelRegistry(RegistryConfig(versions=_versions(None), default_version=VERSION))
+        self.pipeline = registry.get(VERSION).pipeline  # the baseline's: the same weights as the services'
+
+    def _start(self, role: str, args: dict[str, Any]) -> tuple[str, Any]:
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_serve_role, args=(role, args, child), daemon=True)
+        proc.start()
+        self._procs.append(proc)
+        if not parent.poll(300):
+            raise RuntimeError(f"the {role} process did not start (exit code {proc.exitcode})")
+        first = parent.recv()
+        if isinstance(first, dict):  # the gateway's TTS address comes first
+            self._tts = first["tts"]
+            first = parent.recv()
+        return first, parent
+
+    def llm_stats(self) -> dict[str, Any]:
+        self._llm_conn.send("stats")
+        return self._llm_conn.recv()
+
+    def load(
+        self, n: int, seed: int, images: int, new_tokens: int, gateway: int | None = None, photos: bool = False
+    ) -> tuple[int, float]:
+        """``n`` concurrent chats from a client process; (completion tokens, seconds)."""
+        target = self.gateway_targets[gateway or next(iter(self.gateway_targets))]
+        parent, child = self._ctx.Pipe()
+        args = (target, n, seed, images, new_tokens, photos, child)
+        proc = self._ctx.Process(target=_chat_load, args=args, daemon=True)
+        proc.start()
+        result = parent.recv()
+        proc.join()
+        return result
+
+    def close(self) -> None:
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            proc.join(10)
 
 
 def _sampling(n: int):
@@ -173,55 +319,77 @@ def _sampling(n: int):
     return sampling_pb2.SamplingParams(temperature=0.0, top_k=0, repetition_penalty=1.0, max_new_tokens=n)
 
 
-def throughput(stack: Stack, concurrency: list[int], new_tokens: int) -> list[dict[str, Any]]:
+def throughput(stack: Stack, concurrency: list[int], new_tokens: int, images: int = 1) -> list[dict[str, Any]]:
+    """Chats with ``images`` fresh 320×240 images each (0: text chats), N at a time through the services vs one at
+    a time through ``ola_model`` generation."""
     from ola_model import OlaRequest, SamplingParams
-    from services.gen.ola.common.v1 import media_pb2
-    from services.gen.ola.omni.v1 import omni_pb2
 
     rows = []
-    for n in concurrency:
-        images = [_png(1000 + i, (320, 240)) for i in range(n)]
-        questions = [f"Question {i}: what do you see?" for i in range(n)]
-
-        def chat(i: int) -> int:
-            req = omni_pb2.ChatRequest(
-                text=questions[i], images=[media_pb2.MediaRef(inline_data=images[i])], sampling=_sampling(new_tokens)
-            )
-            tokens = 0
-            for event in stack.omni.Chat(req, timeout=600):
-                if event.HasField("usage"):
-                    tokens = event.usage.completion_tokens
-            return tokens
-
-        chat(0)  # warm-up of every path
-        stack.llm.max_batch_size = 0
-        start = time.perf_counter()
-        with ThreadPoolExecutor(n) as pool:
-            served_tokens = sum(pool.map(chat, range(n)))
-        served_s = time.perf_counter() - start
+    stack.load(1, seed=1, images=images, new_tokens=new_tokens)  # warm-up of every path, both arms
+    warm = stack.pipeline.prepare(OlaRequest(_question(0), images=[_png(2, (320, 240))] * images))
+    generate_ids(stack.pipeline.model, [warm.embeds], SamplingParams.greedy(max_new_tokens=4), stack.pipeline.stop_ids)
+    for k, n in enumerate(concurrency):
+        seed = 10_000 * (k + 1)  # fresh images for every run: no encoder cache hit in either arm
+        stack.llm_stats()
+        served_tokens, served_s = stack.load(n, seed, images=images, new_tokens=new_tokens)
+        max_batch = stack.llm_stats()["max_batch"]
 
         params = SamplingParams.greedy(max_new_tokens=new_tokens)
         start = time.perf_counter()
         local_tokens = 0
+        prompts = []
         for i in range(n):
-            prompt = stack.pipeline.prepare(OlaRequest(questions[i], images=[images[i]]), reserve=new_tokens)
+            pictures = [_png(seed + 100 * i + j, (320, 240)) for j in range(images)]
+            prompt = stack.pipeline.prepare(OlaRequest(_question(i), images=pictures), reserve=new_tokens)
             local_tokens += len(generate_ids(stack.pipeline.model, [prompt.embeds], params, stack.pipeline.stop_ids)[0])
+            prompts.append(prompt.embeds)
         local_s = time.perf_counter() - start
+
+        # For reference: the engine alone (no encoding, no RPC) decoding the same prompts as one batch.
+        engine = LLMEngine(stack.pipeline.model, stack.pipeline.stop_ids, max_batch=n)
+        for i, embeds in enumerate(prompts):
+            engine.add(str(i), embeds, params)
+        start = time.perf_counter()
+        engine_tokens = 0
+        while engine.has_work():
+            engine_tokens += sum(1 for out in engine.step() if out.token_id is not None)
+        engine_s = time.perf_counter() - start
         rows.append(
             {
+                "images": images,
                 "concurrency": n,
                 "services_tok_s": served_tokens / served_s,
                 "one_at_a_time_tok_s": local_tokens / local_s,
                 "ratio": (served_tokens / served_s) / (local_tokens / local_s),
+                "engine_alone_tok_s": engine_tokens / engine_s,
                 "tokens": served_tokens,
-                "max_batch": stack.llm.max_batch_size,
+                "max_batch": max_batch,
             }
         )
         print(
-            f"  N={n}: services {rows[-1]['services_tok_s']:.0f} tok/s, one at a time "
+            f"  {images} image(s), N={n}: services {rows[-1]['services_tok_s']:.0f} tok/s, one at a time "
             f"{rows[-1]['one_at_a_time_tok_s']:.0f} tok/s, ratio {rows[-1]['ratio']:.2f}x",
             file=sys.stderr,
         )
+    return rows
+
+
+def vision_replicas(stack: Stack, n: int, images: int, new_tokens: int, rounds: int) -> list[dict[str, Any]]:
+    """An image-heavy load (``images`` per chat, short answers) through a gateway over 1, then 2 vision replicas;
+    the LLM service is the same process throughout."""
+    rows = []
+    for replicas in sorted(stack.gateway_targets):
+        stack.load(2, seed=7 + replicas, images=images, new_tokens=new_tokens, gateway=replicas, photos=True)
+        chats, seconds = 0, 0.0
+        for r in range(rounds):
+            seed = 100_000 * replicas + 10_000 * r  # fresh images: no cache hit
+            _, s = stack.load(n, seed, images, new_tokens, gateway=replicas, photos=True)
+            chats, seconds = chats + n, seconds + s
+        rows.append(
+            {"vision_replicas": replicas, "chats_per_s": chats / seconds, "images_per_s": chats * images / seconds}
+        )
+    for row in rows:
+        row["ratio"] = row["chats_per_s"] / rows[0]["chats_per_s"]
     return rows
 
 
@@ -264,47 +432,72 @@ def cache(stack: Stack, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def first_audio(stack: Stack, attempts: int, new_tokens: int) -> list[dict[str, Any]]:
+def first_audio(stack: Stack, lengths: list[int], attempts: int, new_tokens: int) -> list[dict[str, Any]]:
+    """Per answer length (sentences), ``attempts`` answers: time to the first audio chunk of a speaking chat vs the
+    same answer as text, then the whole of it sent to TTS (its first chunk: a streaming TTS is the stricter
+    baseline)."""
     from services.gen.ola.omni.v1 import omni_pb2
     from services.gen.ola.tts.v1 import tts_pb2
 
     rows = []
-    for seed in range(attempts):
-        req = omni_pb2.ChatRequest(
-            model_version=TALKER,
-            text=f"Tell me about picture number {seed}. Describe it in several sentences.",
-            output_modalities=[omni_pb2.OUTPUT_MODALITY_TEXT, omni_pb2.OUTPUT_MODALITY_AUDIO],
-            speech=omni_pb2.SpeechOptions(sample_rate_hz=16000),
-            sampling=_sampling(new_tokens),
-        )
-        start = time.perf_counter()
-        first = None
-        final = None
-        for event in stack.omni.Chat(req, timeout=600):
-            if event.HasField("audio_chunk") and first is None:
-                first = time.perf_counter() - start
-            if event.HasField("final"):
-                final = event.final
-        if final is None or final.num_sentences < 3 or first is None:
-            continue
-        # Baseline: the same answer, text only, then the whole answer spoken at once.
-        req_text = omni_pb2.ChatRequest(model_version=TALKER, text=req.text, sampling=req.sampling)
-        start = time.perf_counter()
-        text = "".join(e.final.text for e in stack.omni.Chat(req_text, timeout=600) if e.HasField("final"))
-        tts = stack_tts(stack)
-        for _ in tts.Synthesize(tts_pb2.SynthesizeRequest(text=text, voice="auto", sample_rate_hz=16000)):
-            whole = time.perf_counter() - start
-            break
-        rows.append(
+    tts = stack_tts(stack)
+    for length in lengths:
+        version = talker_version(length)
+        for seed in range(-1, attempts):  # attempt -1 warms the talker's path up and is not kept
+            req = omni_pb2.ChatRequest(
+                model_version=version,
+                text=f"Tell me about picture number {seed}. Describe it in several sentences.",
+                output_modalities=[omni_pb2.OUTPUT_MODALITY_TEXT, omni_pb2.OUTPUT_MODALITY_AUDIO],
+                speech=omni_pb2.SpeechOptions(sample_rate_hz=16000),
+                sampling=_sampling(new_tokens),
+            )
+            start = time.perf_counter()
+            first = None
+            final = None
+            for event in stack.omni.Chat(req, timeout=600):
+                if event.HasField("audio_chunk") and first is None:
+                    first = time.perf_counter() - start
+                if event.HasField("final"):
+                    final = event.final
+            if final is None or first is None:
+                raise RuntimeError(f"{version} gave no speech")
+            # Baseline: the same answer, text only, then the whole answer spoken at once.
+            req_text = omni_pb2.ChatRequest(model_version=version, text=req.text, sampling=req.sampling)
+            start = time.perf_counter()
+            text = "".join(e.final.text for e in stack.omni.Chat(req_text, timeout=600) if e.HasField("final"))
+            for _ in tts.Synthesize(tts_pb2.SynthesizeRequest(text=text, voice="auto", sample_rate_hz=16000)):
+                whole = time.perf_counter() - start
+                break
+            if seed < 0:
+                continue
+            rows.append(
+                {
+                    "talker_sentences": length,
+                    "sentences": final.num_sentences,
+                    "chars": len(text),
+                    "sentence_wise_ms": 1e3 * first,
+                    "whole_answer_ms": 1e3 * whole,
+                    "ratio": whole / first,
+                }
+            )
+    return rows
+
+
+def first_audio_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians per answer length."""
+    out = []
+    for length in sorted({r["talker_sentences"] for r in rows}):
+        mine = [r for r in rows if r["talker_sentences"] == length]
+        out.append(
             {
-                "sentences": final.num_sentences,
-                "chars": len(text),
-                "sentence_wise_ms": 1e3 * first,
-                "whole_answer_ms": 1e3 * whole,
-                "ratio": whole / first,
+                "sentences": statistics.median(r["sentences"] for r in mine),
+                "answers": len(mine),
+                "sentence_wise_ms": statistics.median(r["sentence_wise_ms"] for r in mine),
+                "whole_answer_ms": statistics.median(r["whole_answer_ms"] for r in mine),
+                "ratio": statistics.median(r["ratio"] for r in mine),
             }
         )
-    return rows
+    return out
 
 
 def stack_tts(stack: Stack):
@@ -317,50 +510,94 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--stream-interval-ms", type=float, default=20.0, help="the LLM service's (default 20)")
     parser.add_argument("--cache-repeats", type=int, default=3)
-    parser.add_argument("--audio-attempts", type=int, default=3)
-    parser.add_argument("--audio-tokens", type=int, default=160)
+    parser.add_argument("--audio-attempts", type=int, default=5, help="answers per length (0: skip this part)")
+    parser.add_argument("--audio-sentences", default="3,4,6,8", help="answer lengths of the talker versions")
+    parser.add_argument("--audio-tokens", type=int, default=320)
+    parser.add_argument("--vision-chats", type=int, default=8, help="concurrent chats of the image-heavy load")
+    parser.add_argument("--vision-images", type=int, default=2, help="images per chat of the image-heavy load")
+    parser.add_argument("--vision-rounds", type=int, default=3, help="0: skip the 1 vs 2 vision replicas part")
+    parser.add_argument("--no-pin", action="store_true", help="let vision replicas use every CPU")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     import tempfile
 
-    talker = train_talker(Path(tempfile.mkdtemp(prefix="talker-")) / "ckpt") if args.audio_attempts else None
-    stack = Stack(max_batch=max(int(n) for n in args.concurrency.split(",")), talker=talker)
-    result: dict[str, Any] = {"machine": machine_info()}
-    print("throughput ...", file=sys.stderr)
-    result["throughput"] = throughput(stack, [int(n) for n in args.concurrency.split(",")], args.new_tokens)
-    print(
-        format_table(
-            result["throughput"],
-            [
-                ("concurrency", "N"),
-                ("services_tok_s", "services tok/s"),
-                ("one_at_a_time_tok_s", "one-at-a-time tok/s"),
-                ("ratio", "ratio"),
-            ],
-        )
+    lengths = [int(n) for n in args.audio_sentences.split(",")] if args.audio_attempts else []
+    scratch = Path(tempfile.mkdtemp(prefix="talkers-"))  # removed at the end
+    talkers = {talker_version(n): str(train_talker(scratch / str(n), n)) for n in lengths}
+    concurrency = [int(n) for n in args.concurrency.split(",")]
+    gateways = (1, 2) if args.vision_rounds else (1,)
+    stack = Stack(
+        max_batch=max(concurrency),
+        talkers=talkers,
+        stream_interval_ms=args.stream_interval_ms,
+        vision_replicas=max(gateways),
+        gateways=gateways,
+        pin_vision=not args.no_pin,
     )
-    result["cache"] = cache(stack, args.cache_repeats)
-    print(
-        format_table(
-            result["cache"], [("input", "input"), ("miss_ms", "miss ms"), ("hit_ms", "hit ms"), ("ratio", "miss/hit")]
-        )
-    )
-    result["first_audio"] = first_audio(stack, args.audio_attempts, args.audio_tokens)
-    if result["first_audio"]:
+    result: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
+    try:
+        print("throughput ...", file=sys.stderr)
+        result["throughput"] = [
+            row for images in (1, 0) for row in throughput(stack, concurrency, args.new_tokens, images)
+        ]
         print(
             format_table(
-                result["first_audio"],
+                result["throughput"],
                 [
-                    ("sentences", "sentences"),
-                    ("sentence_wise_ms", "sentence-wise ms"),
-                    ("whole_answer_ms", "whole answer ms"),
+                    ("images", "images"),
+                    ("concurrency", "N"),
+                    ("services_tok_s", "services tok/s"),
+                    ("one_at_a_time_tok_s", "one-at-a-time tok/s"),
                     ("ratio", "ratio"),
+                    ("engine_alone_tok_s", "engine alone tok/s"),
+                    ("max_batch", "largest batch"),
                 ],
             )
         )
-    else:
-        print("no answer of >= 3 sentences in the attempts; raise --audio-tokens or --audio-attempts")
+        result["cache"] = cache(stack, args.cache_repeats) if args.cache_repeats else []
+        if result["cache"]:
+            print(
+                format_table(
+                    result["cache"],
+                    [("input", "input"), ("miss_ms", "miss ms"), ("hit_ms", "hit ms"), ("ratio", "miss/hit")],
+                )
+            )
+        result["first_audio"] = first_audio(stack, lengths, args.audio_attempts, args.audio_tokens)
+        if result["first_audio"]:
+            result["first_audio_summary"] = first_audio_summary(result["first_audio"])
+            print(
+                format_table(
+                    result["first_audio_summary"],
+                    [
+                        ("sentences", "sentences"),
+                        ("answers", "answers"),
+                        ("sentence_wise_ms", "sentence-wise ms"),
+                        ("whole_answer_ms", "whole answer ms"),
+                        ("ratio", "ratio (median)"),
+                    ],
+                )
+            )
+        if args.vision_rounds:
+            print("vision replicas ...", file=sys.stderr)
+            result["vision_replicas"] = vision_replicas(
+                stack, args.vision_chats, args.vision_images, 8, args.vision_rounds
+            )
+            print(
+                format_table(
+                    result["vision_replicas"],
+                    [
+                        ("vision_replicas", "vision replicas"),
+                        ("chats_per_s", "chats/s"),
+                        ("images_per_s", "images/s"),
+                        ("ratio", "vs 1 replica"),
+                    ],
+                )
+            )
+    finally:
+        stack.close()
+        shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         write_json(args.json, result)
     return result

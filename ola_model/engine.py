@@ -65,6 +65,7 @@ class LLMEngine:
         self.max_batch = max_batch
         self.max_context = max_context or model.config.limits.max_context
         self.vocab_limit = model.config.tokenizer_vocab_size
+        self._sdpa = getattr(model.llm.config, "_attn_implementation", None) == "sdpa"  # boolean 4-D masks
         self._lock = threading.Lock()
         self._waiting: list[_Request] = []
         self._aborted: set[str] = set()
@@ -189,7 +190,10 @@ class LLMEngine:
         mask = torch.cat([self._mask[:n], torch.ones(n, 1, dtype=self._mask.dtype, device=device)], dim=1)
         positions = torch.tensor([[r.position] for r in self._running[:n]], device=device)
         embeds = model.embed_tokens(self._next[:n])[:, None]  # (n, 1, C)
-        out = model(embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        # One query per row: the 4-D mask is just the padding mask. Handing it over ready saves transformers from
+        # building it each step.
+        attn = mask[:, None, None, :].bool() if self._sdpa else mask
+        out = model(embeds, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         if skip:
             # Extend the new rows' cache and mask by one padding column so the batch stays rectangular.
             layers = []

@@ -11,11 +11,11 @@ application        deployment          RPCs (methods named like them)           
                                        ListModelVersions
 =================  ==================  ==============================================  ============================
 
-Every application also answers ``grpc.health.v1.Health/Check`` (SERVING once its models are loaded). Clients pick the
-application with the metadata ``("application", name)``; the proxy's own ``ray.serve.RayServeAPIService``
-(``Healthz``, ``ListApplications``) needs none. Each application scales and redeploys on its own: the gateway reaches
-the other four through the same proxy (``GrpcBackends`` with per-service ``application`` metadata), so errors stay gRPC
-statuses and streams stream.
+Every application also answers ``grpc.health.v1.Health/Check`` and ``Watch`` (SERVING once its models are loaded).
+Clients pick the application with the metadata ``("application", name)``; the proxy's own
+``ray.serve.RayServeAPIService`` (``Healthz``, ``ListApplications``) needs none. Each application scales and
+redeploys on its own: the gateway reaches the other four through the same proxy (``GrpcBackends`` with per-service
+``application`` metadata), so errors stay gRPC statuses and streams stream.
 
 Build and run (``ola serve`` does this)::
 
@@ -164,12 +164,32 @@ class RpcStatusError(Exception):
         self.trailing_metadata = trailing_metadata
 
 
+HEALTH_WATCH_POLL_S = 1.0  # how often a health Watch stream looks at the replica's state
+
+
+def _health_status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def watch_health(serving: Callable[[], bool], poll_s: float) -> AsyncIterator[Any]:
+    """Health responses for a ``Watch`` stream: the status at once, then one per change (looked at every ``poll_s``
+    seconds). Endless: the stream ends when the client cancels it."""
+    last = None
+    while True:
+        status = _health_status(serving())
+        if status != last:
+            last = status
+            yield health_pb2.HealthCheckResponse(status=status)
+        await asyncio.sleep(poll_s)
+
+
 class ServeContext:
     """The part of ``grpc.aio.ServicerContext`` the servicers use, over Serve's ``RayServegRPCContext``.
 
     ``abort`` records the code, details and trailing metadata on Serve's context and raises ``grpc.aio.AbortError``
     (the servicers' error decorators let it through), awaitable or not: the TTS servicer is synchronous.
-    ``time_remaining`` counts down from ``timeout_s`` (Serve's proxy does not pass the client's deadline on).
+    ``time_remaining`` counts down from ``timeout_s`` (Serve's proxy does not pass the client's deadline on; the
+    gateway also reads the client's ``x-ola-timeout-ms``, :mod:`services.deadline`).
 
     Args:
         grpc_context: Serve's context; None when called through a deployment handle.
@@ -331,10 +351,12 @@ class _ServiceDeployment:
 
     async def Check(self, request: Any, grpc_context: Any = None) -> Any:
         """grpc.health.v1 ``Check`` of this application (addressed with its ``application`` metadata)."""
-        serving = health_pb2.HealthCheckResponse.SERVING
-        return health_pb2.HealthCheckResponse(
-            status=serving if self._serving() else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        return health_pb2.HealthCheckResponse(status=_health_status(self._serving()))
+
+    async def Watch(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:
+        """grpc.health.v1 ``Watch``: the status now, then each change, until the client goes away."""
+        async for response in watch_health(self._serving, HEALTH_WATCH_POLL_S):
+            yield response
 
     def check_health(self) -> None:
         """Serve's replica health check: a replica whose default model version is gone is restarted."""
@@ -506,6 +528,7 @@ class LLMDeployment(_ModelDeployment):
                 max_batch=config.llm.max_batch,
                 default_max_new_tokens=config.llm.default_max_new_tokens,
                 max_blocks=config.llm.max_blocks,
+                stream_interval_ms=config.llm.stream_interval_ms,
             )
         )
 

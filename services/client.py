@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from services.deadline import timeout_metadata
 from services.gen.ola.common.v1 import errors_pb2, media_pb2, sampling_pb2, usage_pb2
 from services.gen.ola.omni.v1 import omni_pb2, omni_pb2_grpc
 
@@ -301,7 +302,8 @@ class OlaClient:
 
         A failed stream's last message only carries its status (Serve's proxy needs one): it is dropped here.
         """
-        call = self.stub.Chat(self.request(text, **kw), timeout=self.timeout, metadata=self._metadata)
+        metadata = (*self._metadata, *timeout_metadata(self.timeout))  # the deadline survives Serve's proxy
+        call = self.stub.Chat(self.request(text, **kw), timeout=self.timeout, metadata=metadata)
         held: omni_pb2.ChatResponse | None = None  # a warning waits for the next event: it may be the status carrier
         try:
             for event in call:

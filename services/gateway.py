@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from ola_model.prompt import user_content
+from services.deadline import timeout_from_metadata
 from services.gen.ola.audio.v1 import audio_pb2, audio_pb2_grpc
 from services.gen.ola.common.v1 import embedding_pb2, errors_pb2, sampling_pb2, usage_pb2
 from services.gen.ola.llm.v1 import llm_pb2, llm_pb2_grpc
@@ -108,8 +109,17 @@ class Backends(Protocol):
     def synthesize(self, req: tts_pb2.SynthesizeRequest, timeout: float | None) -> AsyncIterator: ...
 
 
+def grpc_target(address: str) -> str:
+    """A gRPC target for an address: ``host:port``, any gRPC target URI (``dns:///svc:9000``), or a comma-separated
+    list of IPv4 ``host:port`` (several replicas of a service, balanced round robin)."""
+    if "," in address and "://" not in address and not address.startswith("ipv4:"):
+        return "ipv4:" + ",".join(a.strip() for a in address.split(","))
+    return address
+
+
 class GrpcBackends:
-    """Backends behind gRPC addresses (``host:port``); ``metadata`` is sent with every call (e.g. Serve's app name)."""
+    """Backends behind gRPC addresses (:func:`grpc_target`; calls are spread round robin over every address a
+    target resolves to); ``metadata`` is sent with every call (e.g. Serve's app name)."""
 
     def __init__(
         self,
@@ -122,9 +132,10 @@ class GrpcBackends:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.lb_policy_name", "round_robin"),
         ]
         self._channels = {
-            name: grpc.aio.insecure_channel(addr, options=options)
+            name: grpc.aio.insecure_channel(grpc_target(addr), options=options)
             for name, addr in {"vision": vision, "audio": audio, "llm": llm, "tts": tts}.items()
         }
         self._vision = vision_pb2_grpc.VisionEncoderServiceStub(self._channels["vision"])
@@ -548,6 +559,11 @@ class OmniGateway:
         return session
 
 
+def _earliest(*timeouts: float | None) -> float | None:
+    known = [t for t in timeouts if t is not None]
+    return min(known) if known else None
+
+
 class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
     """``ola.omni.v1.OmniService`` over grpc.aio, around an :class:`OmniGateway`."""
 
@@ -555,7 +571,12 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
         self.gateway = gateway
 
     async def Chat(self, request, context):
-        remaining = context.time_remaining()
+        """The earlier of the call's deadline and the client's ``x-ola-timeout-ms`` (which survives Serve's proxy)."""
+        try:
+            remaining = _earliest(context.time_remaining(), timeout_from_metadata(context.invocation_metadata()))
+        except ValueError as exc:
+            reason = errors_pb2.ERROR_REASON_INVALID_FIELD
+            await _abort(context, GatewayError(grpc.StatusCode.INVALID_ARGUMENT, error_detail(reason, str(exc))))
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
             async for ev in self.gateway.chat(request, deadline):

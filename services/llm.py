@@ -51,6 +51,7 @@ from services.gen.ola.common.v1 import embedding_pb2, errors_pb2, sampling_pb2, 
 from services.gen.ola.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.metrics import ServiceMetrics
 from services.registry import LoadedModel, ModelRegistry, ModelServiceBase, RegistryConfig
+from services.text.sentences import ASCII_TERMINATORS, CJK_TERMINATORS, CLOSERS
 from services.vision import duration
 from services.wire import tensor_from_proto
 
@@ -82,6 +83,36 @@ class LLMServiceConfig(BaseModel):
         1024, ge=1, description="max_new_tokens when a request leaves it unset (capped to the room left)."
     )
     max_blocks: int = Field(64, ge=0, description="Most embedding blocks in one request.")
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        description=(
+            "Longest a decoded token waits to be sent with later ones (0: one message per token). The first token, "
+            "the last, and text ending or following a sentence mark go at once: a reader never sees 20 ms, and "
+            "sentence-wise speech is not delayed. Fewer, larger messages are what lets a CPU replica batch."
+        ),
+    )
+
+
+_FLUSH = object()  # queued by the stream-interval timer of a Generate stream
+# A sentence boundary is decided on a terminator and the character after it (services/text/sentences.py): text with
+# either goes at once so that the gateway can hand the sentence to TTS without waiting for the interval.
+_SENTENCE_MARKS = frozenset(ASCII_TERMINATORS | CJK_TERMINATORS | CLOSERS | {"\n"})
+
+
+def send_at_once(text: str, after_mark: bool) -> bool:
+    """Whether held text goes out now, before the stream interval ends: it holds a sentence mark, or it follows one
+    (the gateway's splitter decides a boundary on the character after the mark)."""
+    return after_mark or any(c in _SENTENCE_MARKS for c in text)
+
+
+def ends_with_mark(delta: str) -> bool:
+    """Whether sent text ends with a sentence mark (trailing spaces and tabs aside)."""
+    return delta.rstrip(" \t")[-1:] in _SENTENCE_MARKS
+
+
+def _last(item: Any) -> bool:
+    return item is not _FLUSH and item.finished
 
 
 @dataclass
@@ -440,25 +471,33 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
         wake = self._ensure_driver()
         state.streams[rid] = queue
         finished = False
+        timer: asyncio.TimerHandle | None = None
         try:
             state.engine.add(rid, embeds, params)
             wake.set()
             detok = IncrementalDetokenizer(loaded.tokenizer)
             first_token_at: float | None = None
             last_token_at = start
-            pending: list[int] = []
+            pending: list[int] = []  # token ids not sent yet
+            parts: list[str] = []  # their text
             completion = 0
             sent_any = False
+            after_mark = False  # the text sent last ended with a sentence mark
+            interval = self.config.stream_interval_ms / 1e3
+            loop = asyncio.get_running_loop()
             while True:
                 # Coalesce: everything the engine produced for this stream since the last send goes in one
                 # message, so a busy server sends fewer, larger messages instead of falling behind.
                 outs = [await queue.get()]
-                while not queue.empty() and not isinstance(outs[-1], BaseException) and not outs[-1].finished:
+                while not queue.empty() and not isinstance(outs[-1], BaseException) and not _last(outs[-1]):
                     outs.append(queue.get_nowait())
-                parts: list[str] = []
-                for out in outs:
-                    if isinstance(out, BaseException):
-                        raise out
+                out = None
+                for item in outs:
+                    if item is _FLUSH:
+                        continue
+                    if isinstance(item, BaseException):
+                        raise item
+                    out = item
                     if out.token_id is not None:
                         now = time.perf_counter()
                         if first_token_at is None:
@@ -468,13 +507,26 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
                         completion += 1
                         parts.append(detok.push(out.token_id))
                         pending.append(out.token_id)
+                finished_now = out is not None and out.finished
+                if not finished_now and sent_any and interval > 0 and (pending or parts):
+                    due = send_at_once("".join(parts), after_mark)
+                    if not due and timer is None:  # the first token waiting: send it within the interval
+                        timer = loop.call_later(interval, queue.put_nowait, _FLUSH)
+                        continue
+                    if not due and not any(item is _FLUSH for item in outs):
+                        continue
+                if timer is not None:
+                    timer.cancel()
+                    timer = None
                 delta = "".join(parts)
+                parts = []
                 response = llm_pb2.GenerateResponse(text_delta=delta)
                 if request.return_token_ids:
                     response.token_ids.extend(pending)
                 if not sent_any:
                     response.model_version = version
-                if out.finished:
+                if finished_now:
+                    assert out is not None
                     finished = True
                     response.finish_reason = _FINISH.get(out.finish_reason or "", sampling_pb2.FINISH_REASON_STOP)
                     end = time.perf_counter()
@@ -495,8 +547,11 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
                 if delta or (request.return_token_ids and pending):
                     pending = []
                     sent_any = True
+                    after_mark = ends_with_mark(delta) if delta.strip() else after_mark
                     yield response
         finally:
+            if timer is not None:
+                timer.cancel()
             state.streams.pop(rid, None)
             if not finished:  # cancelled (client gone, deadline) or failed: free the cache row now
                 state.engine.abort(rid)

@@ -171,6 +171,9 @@ class LLMSpec(ModelServiceSpec):
     max_batch: int = Field(16, ge=1, description="Requests decoding together per model version and replica.")
     default_max_new_tokens: int = Field(1024, ge=1, description="max_new_tokens of requests that leave it unset.")
     max_blocks: int = Field(64, ge=0, description="Most embedding blocks in one request.")
+    stream_interval_ms: float = Field(
+        20.0, ge=0, description="Longest a token waits to travel with later ones (sentence marks go at once)."
+    )
 
 
 class TTSSpec(DeploymentSpec):
@@ -204,7 +207,9 @@ class GatewaySpec(DeploymentSpec):
         None, ge=8000, le=48000, description="Speech rate when a request sets none; None: tts.sample_rate."
     )
     request_timeout_s: float = Field(
-        300.0, gt=0, description="Deadline of a Chat (Serve's proxy does not pass the client's deadline on)."
+        300.0,
+        gt=0,
+        description="Longest a Chat may take; a client's shorter x-ola-timeout-ms deadline wins (services.deadline).",
     )
     backend_address: str | None = Field(
         None, description="host:port of the Serve gRPC proxy the gateway calls; None: 127.0.0.1:<proxy.grpc_port>."

@@ -62,3 +62,26 @@ def test_tiny_latency_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     decode = [r for r in result["stages"] if r["stage"] == "LLM decode"]
     assert all(r["tokens_per_s"] > 0 for r in decode)
     assert result["decode_step_weight_bytes"] > 0
+
+
+def test_serving_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every part of bench/serving.py at toy size: services in their own processes, clients in theirs."""
+    serving = _bench("serving", monkeypatch)
+    out = tmp_path / "serving.json"
+    args = ["--concurrency", "1,2", "--new-tokens", "8", "--cache-repeats", "1", "--audio-attempts", "1"]
+    args += ["--audio-sentences", "3", "--vision-chats", "2", "--vision-rounds", "1", "--json", str(out)]
+    result = serving.main(args)
+
+    assert json.loads(out.read_text())["throughput"] == result["throughput"]
+    assert [(r["images"], r["concurrency"]) for r in result["throughput"]] == [(1, 1), (1, 2), (0, 1), (0, 2)]
+    for row in result["throughput"]:
+        assert row["tokens"] == 8 * row["concurrency"] and row["services_tok_s"] > 0 and row["ratio"] > 0
+        assert row["engine_alone_tok_s"] > 0
+        assert 1 <= row["max_batch"] <= row["concurrency"]
+    assert {r["input"] for r in result["cache"]} == {"image 1000x750", "video 16 frames 320x240"}
+    assert all(r["hit_ms"] > 0 and r["miss_ms"] > 0 for r in result["cache"])
+    [answer] = result["first_audio"]
+    assert answer["talker_sentences"] == 3 and answer["sentences"] >= 3  # the talker learnt its paragraph
+    assert 0 < answer["sentence_wise_ms"] and 0 < answer["whole_answer_ms"]
+    assert [r["vision_replicas"] for r in result["vision_replicas"]] == [1, 2]
+    assert all(r["chats_per_s"] > 0 for r in result["vision_replicas"])

@@ -4,6 +4,7 @@ every bad request gets a fitting status with details."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -249,3 +250,34 @@ def test_health(channel):
         health_pb2.HealthCheckRequest(service=llm_service.SERVICE_NAME), timeout=10
     )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_stream_interval_holds_tokens_but_never_a_sentence_mark(aio, registry):
+    """Tokens wait up to ``stream_interval_ms`` to travel together; the first token, sentence marks and the token
+    after one go at once. The text and the token ids are the same whatever the interval."""
+    streams = {}
+    for interval in (0.0, 60_000.0):
+        servicer = LLMServicer(LLMServiceConfig(stream_interval_ms=interval), registry=registry)
+        port = aio.serve(lambda server, s=servicer: llm_service.add_to_server(server, s))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            request = llm_pb2.GenerateRequest(
+                conversation=_user("Tell me a story about three stars."), sampling=_greedy(80), return_token_ids=True
+            )
+            streams[interval] = list(llm_pb2_grpc.LLMServiceStub(ch).Generate(request, timeout=60))
+        aio.run(servicer.close())
+    each, held = streams[0.0], streams[60_000.0]
+    assert _text(held) == _text(each)
+    assert [t for r in held for t in r.token_ids] == [t for r in each for t in r.token_ids]
+    assert sum(len(r.token_ids) for r in held) == 80 and not held[0].HasField("usage")  # the first token at once
+    for before, message in itertools.pairwise(held[:-1]):  # a held message went early only for a sentence mark
+        assert llm_service.send_at_once(message.text_delta, llm_service.ends_with_mark(before.text_delta))
+    assert len(held) < len(each)
+
+
+def test_send_at_once_rule():
+    assert not llm_service.send_at_once(" three red", after_mark=False)
+    assert llm_service.send_at_once(" circles.", after_mark=False)
+    assert llm_service.send_at_once(" A", after_mark=True)  # the character that decides the boundary
+    assert llm_service.send_at_once("好。", after_mark=False) and llm_service.send_at_once("a\nb", after_mark=False)
+    assert llm_service.ends_with_mark("left. ") and llm_service.ends_with_mark("”")
+    assert not llm_service.ends_with_mark("3")

@@ -201,6 +201,38 @@ def test_limits_cancellation_and_metrics(platform):
     assert 'ola_requests_total{code="OK",method="Generate",service="llm"}' in scraped
 
 
+def test_the_clients_deadline_crosses_the_proxy_and_health_is_watched(platform):
+    """Serve's proxy drops ``grpc-timeout``: the deadline in ``x-ola-timeout-ms`` still ends the chat in time, and the
+    LLM replica's work with it. ``grpc.health.v1.Health/Watch`` streams through the proxy."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from ray import serve
+
+    _, address, _ = platform
+    channel = grpc.insecure_channel(address)
+    omni = omni_pb2_grpc.OmniServiceStub(channel)
+    story = omni_pb2.ChatRequest(text="Tell me a long story.", sampling=_greedy(8000))  # ~10 s of decoding
+    start = time.monotonic()
+    metadata = (("application", "omni"), ("x-ola-timeout-ms", "700"))
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in omni.Chat(story, timeout=120, metadata=metadata):  # the gRPC deadline alone would allow 120 s
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - start < 5
+    llm = serve.get_app_handle("llm")
+    until = time.monotonic() + 15
+    while llm.replica_info.remote().result(timeout_s=30)["running_requests"] and time.monotonic() < until:
+        time.sleep(0.1)
+    assert llm.replica_info.remote().result(timeout_s=30)["running_requests"] == 0
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(omni.Chat(story, timeout=30, metadata=(("application", "omni"), ("x-ola-timeout-ms", "soon"))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-ola-timeout-ms" in err.value.details()
+
+    health = health_pb2_grpc.HealthStub(channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=30, metadata=(("application", "llm"),))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
 def test_scaling_vision_leaves_the_llm_app_alone(platform, media):
     from services import app
 
@@ -296,6 +328,38 @@ def test_serve_context_turns_aborts_and_exceptions_into_statuses():
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
     asyncio.run(run())
+
+
+def test_watch_health_sends_the_status_then_each_change():
+    from grpc_health.v1 import health_pb2
+
+    from services.app import watch_health
+
+    states = iter([True, True, False, False, True])
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def run():
+        seen, stream = [], watch_health(lambda: next(states), 0.0)
+        async for response in stream:
+            seen.append(response.status)
+            if len(seen) == 3:
+                break
+        await stream.aclose()
+        return seen
+
+    assert asyncio.run(run()) == [serving, not_serving, serving]  # one per change, none for repeats
+
+
+def test_deadline_metadata():
+    from services.deadline import TIMEOUT_METADATA, timeout_from_metadata, timeout_metadata
+
+    assert timeout_metadata(None) == () and timeout_metadata(0.0001) == ((TIMEOUT_METADATA, "1"),)
+    assert timeout_from_metadata([("application", "omni"), *timeout_metadata(2.5)]) == 2.5
+    assert timeout_from_metadata([("application", "omni")]) is None
+    for bad in ("soon", "0", "-5", "1.5"):
+        with pytest.raises(ValueError, match=TIMEOUT_METADATA):
+            timeout_from_metadata([(TIMEOUT_METADATA, bad)])
 
 
 def test_generated_messages_pickle_by_their_registered_module_names():
