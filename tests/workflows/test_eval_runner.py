@@ -177,6 +177,17 @@ def test_limit_takes_the_first_samples_of_each_task(dataset: Path) -> None:
     assert [r.id for r in limited.results if r.task == "ocr"] == [r.id for r in full.results if r.task == "ocr"][:2]
 
 
+def test_tasks_keeps_only_the_samples_of_those_tasks(dataset: Path) -> None:
+    full = evaluate(None, dataset, predict=oracle, progress=False)
+    some = evaluate(None, dataset, predict=oracle, progress=False, tasks=["image_qa", "ocr"])
+    assert {r.task for r in some.results} == {"image_qa", "ocr"}
+    assert [r.id for r in some.results] == [r.id for r in full.results if r.task in ("image_qa", "ocr")]
+    assert some.counts["asr_wer"] == 0 and some.metrics["asr_wer"] is None and some.meta["tasks"] == ["image_qa", "ocr"]
+    for bad in (["image"], []):
+        with pytest.raises(EvalError, match="not tasks of the data format"):
+            evaluate(None, dataset, predict=oracle, progress=False, tasks=bad)
+
+
 def test_batched_answers_equal_one_by_one(dataset: Path, tiny_pipeline) -> None:
     items = [it for it in synth_items(load_split(dataset, "test")) if it.task in ("image_qa", "ocr")]
     predictor = PipelinePredictor(tiny_pipeline)

@@ -93,6 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             progress=progress,
             max_video_frames=args.max_frames,
             device=args.device,
+            tasks=[t.strip() for t in args.tasks.split(",")] if args.tasks else None,
         )
     else:
         options = {}
@@ -144,6 +145,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, help="write the metrics, counts and meta as JSON here")
     p.add_argument("--predictions", type=Path, help="write every answer and its scores as JSON lines here")
     p.add_argument("--limit", type=int, help="at most N samples per task (benchmarks: the first N questions)")
+    p.add_argument("--tasks", help="--data: only these tasks, comma-separated (e.g. image_qa,ocr; default: all)")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-frames", type=int, help="video frames sampled per video (default: the model's limit)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")

@@ -418,6 +418,7 @@ def evaluate(
     predict: Predict | None = None,
     max_video_frames: int | None = None,
     device: str = "cpu",
+    tasks: Sequence[str] | None = None,
 ) -> EvalReport:
     """Per-modality metrics of a model on one split of an ola-synth/1 dataset.
 
@@ -431,9 +432,11 @@ def evaluate(
         predict: answers batches of :class:`EvalItem` instead of the model (a seam for tests and other backends).
         max_video_frames: frames sampled per video (None: the model's limit).
         device: where a checkpoint is loaded.
+        tasks: only the samples of these tasks (None: every task).
 
     Returns:
-        An :class:`EvalReport` with the keys of :data:`SYNTH_METRICS` (None with count 0 for a task the split lacks).
+        An :class:`EvalReport` with the keys of :data:`SYNTH_METRICS` (None with count 0 for a task the split lacks
+        or leaves out).
 
     Raises:
         DataFormatError: the dataset is missing, incomplete or off the format, or the split is unknown.
@@ -441,6 +444,11 @@ def evaluate(
     """
     check_batch_args(batch_size, limit)
     records = load_split(data_dir, split)
+    if tasks is not None:
+        unknown = sorted(set(tasks) - set(TASKS))
+        if unknown or not tasks:
+            raise EvalError(f"tasks {unknown or list(tasks)}: not tasks of the data format (known: {', '.join(TASKS)})")
+        records = [r for r in records if r["task"] in set(tasks)]
     records = limit_per_task(records, limit)
     items = synth_items(records, max_video_frames=max_video_frames)
     meta: dict = {
@@ -448,6 +456,7 @@ def evaluate(
         "data_manifest_sha256": manifest_sha256(data_dir),
         "split": split,
         "limit": limit,
+        "tasks": list(tasks) if tasks is not None else None,
         "batch_size": batch_size,
         "num_items": len(items),
     }
