@@ -94,7 +94,6 @@ class LLMServiceConfig(BaseModel):
     )
 
 
-_FLUSH = object()  # queued by the stream-interval timer of a Generate stream
 # A sentence boundary is decided on a terminator and the character after it (services/text/sentences.py): text with
 # either goes at once so that the gateway can hand the sentence to TTS without waiting for the interval.
 _SENTENCE_MARKS = frozenset(ASCII_TERMINATORS | CJK_TERMINATORS | CLOSERS | {"\n"})
@@ -106,13 +105,80 @@ def send_at_once(text: str, after_mark: bool) -> bool:
     return after_mark or any(c in _SENTENCE_MARKS for c in text)
 
 
-def ends_with_mark(delta: str) -> bool:
-    """Whether sent text ends with a sentence mark (trailing spaces and tabs aside)."""
-    return delta.rstrip(" \t")[-1:] in _SENTENCE_MARKS
+def ends_with_mark(text: str) -> bool:
+    """Whether text ends with a sentence mark (trailing spaces and tabs aside)."""
+    return text.rstrip(" \t")[-1:] in _SENTENCE_MARKS
 
 
-def _last(item: Any) -> bool:
-    return item is not _FLUSH and item.finished
+class _Stream:
+    """The decoded tokens of one Generate call between two of its messages.
+
+    The engine driver pushes each step's output here (in the event loop's thread); the call's coroutine wakes only
+    when a message is due: the first text, a sentence mark or the text after one, the end, or ``interval`` seconds
+    after the oldest token waiting. So a stream costs one wake-up per message, not one per token.
+    """
+
+    def __init__(self, tokenizer: Any, interval: float, start: float) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.interval = interval
+        self.ready = asyncio.Event()
+        self.ids: list[int] = []  # token ids not taken yet
+        self.parts: list[str] = []  # their text
+        self.sent_any = False  # set by the call once it sent a message
+        self.after_mark = False  # the text so far ends with a sentence mark
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.completion = 0
+        self.first_token_at: float | None = None
+        self.last_token_at = start
+        self._timer: asyncio.TimerHandle | None = None
+
+    def push(self, out: StepOutput) -> None:
+        if out.token_id is not None:
+            self.last_token_at = time.perf_counter()
+            if self.first_token_at is None:
+                self.first_token_at = self.last_token_at
+            self.completion += 1
+            piece = self.detok.push(out.token_id)
+            self.parts.append(piece)
+            self.ids.append(out.token_id)
+            due = not self.sent_any or self.interval <= 0 or send_at_once(piece, self.after_mark)
+            if piece:  # empty: a character split across tokens
+                self.after_mark = ends_with_mark(piece)
+        else:
+            due = False
+        if out.finished:
+            self.finish_reason = out.finish_reason or "stop"
+            due = True
+        if due:
+            self._wake()
+        elif self._timer is None and self.ids:  # the oldest token waiting goes within the interval
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._wake)
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.ready.set()
+
+    def take(self) -> tuple[str, list[int]]:
+        """The text and token ids gathered since the last take."""
+        self.ready.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        text, ids = "".join(self.parts), self.ids
+        self.parts, self.ids = [], []
+        return text, ids
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 @dataclass
@@ -128,7 +194,7 @@ class _EngineState:
 
     loaded: LoadedModel
     engine: LLMEngine
-    streams: dict[str, asyncio.Queue] = field(default_factory=dict)
+    streams: dict[str, _Stream] = field(default_factory=dict)
 
 
 def sampling_params(
@@ -277,13 +343,13 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
         self.max_batch_size = max(self.max_batch_size, size)
         self.metrics.engine_step(state.loaded.version, size, engine.num_running, engine.num_waiting)
         for out in outputs:
-            queue = state.streams.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
+            stream = state.streams.get(out.request_id)
+            if stream is not None:
+                stream.push(out)
 
     def _fail(self, state: _EngineState, exc: BaseException) -> None:
-        for queue in state.streams.values():
-            queue.put_nowait(exc)
+        for stream in state.streams.values():
+            stream.fail(exc)
 
     def _driver_done(self, task: asyncio.Task) -> None:
         if task.cancelled():
@@ -467,91 +533,55 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
 
         state = self._state(loaded)
         rid = uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
+        stream = _Stream(loaded.tokenizer, self.config.stream_interval_ms / 1e3, start)
         wake = self._ensure_driver()
-        state.streams[rid] = queue
+        state.streams[rid] = stream
         finished = False
-        timer: asyncio.TimerHandle | None = None
         try:
             state.engine.add(rid, embeds, params)
             wake.set()
-            detok = IncrementalDetokenizer(loaded.tokenizer)
-            first_token_at: float | None = None
-            last_token_at = start
-            pending: list[int] = []  # token ids not sent yet
-            parts: list[str] = []  # their text
-            completion = 0
-            sent_any = False
-            after_mark = False  # the text sent last ended with a sentence mark
-            interval = self.config.stream_interval_ms / 1e3
-            loop = asyncio.get_running_loop()
+            ttft_observed = False
             while True:
-                # Coalesce: everything the engine produced for this stream since the last send goes in one
-                # message, so a busy server sends fewer, larger messages instead of falling behind.
-                outs = [await queue.get()]
-                while not queue.empty() and not isinstance(outs[-1], BaseException) and not _last(outs[-1]):
-                    outs.append(queue.get_nowait())
-                out = None
-                for item in outs:
-                    if item is _FLUSH:
-                        continue
-                    if isinstance(item, BaseException):
-                        raise item
-                    out = item
-                    if out.token_id is not None:
-                        now = time.perf_counter()
-                        if first_token_at is None:
-                            first_token_at = now
-                            self.metrics.time_to_first_token.labels(self.SERVICE_LABEL, version).observe(now - start)
-                        last_token_at = now
-                        completion += 1
-                        parts.append(detok.push(out.token_id))
-                        pending.append(out.token_id)
-                finished_now = out is not None and out.finished
-                if not finished_now and sent_any and interval > 0 and (pending or parts):
-                    due = send_at_once("".join(parts), after_mark)
-                    if not due and timer is None:  # the first token waiting: send it within the interval
-                        timer = loop.call_later(interval, queue.put_nowait, _FLUSH)
-                        continue
-                    if not due and not any(item is _FLUSH for item in outs):
-                        continue
-                if timer is not None:
-                    timer.cancel()
-                    timer = None
-                delta = "".join(parts)
-                parts = []
+                await stream.ready.wait()
+                if stream.error is not None:
+                    raise stream.error
+                # Everything decoded since the last message goes in this one: a busy server sends fewer, larger
+                # messages instead of falling behind.
+                delta, ids = stream.take()
+                if stream.first_token_at is not None and not ttft_observed:
+                    ttft_observed = True
+                    self.metrics.time_to_first_token.labels(self.SERVICE_LABEL, version).observe(
+                        stream.first_token_at - start
+                    )
+                if stream.finish_reason is None and not (delta or (request.return_token_ids and ids)):
+                    continue  # nothing to send yet (a character split across tokens)
                 response = llm_pb2.GenerateResponse(text_delta=delta)
                 if request.return_token_ids:
-                    response.token_ids.extend(pending)
-                if not sent_any:
+                    response.token_ids.extend(ids)
+                if not stream.sent_any:
                     response.model_version = version
-                if finished_now:
-                    assert out is not None
+                stream.sent_any = True
+                if stream.finish_reason is not None:
                     finished = True
-                    response.finish_reason = _FINISH.get(out.finish_reason or "", sampling_pb2.FINISH_REASON_STOP)
+                    response.finish_reason = _FINISH.get(stream.finish_reason, sampling_pb2.FINISH_REASON_STOP)
                     end = time.perf_counter()
                     timings = usage_pb2.Timings(total=duration(end - start))
-                    if first_token_at is not None:
-                        timings.time_to_first_token.CopyFrom(duration(first_token_at - start))
-                        timings.decode.CopyFrom(duration(last_token_at - first_token_at))
+                    if stream.first_token_at is not None:
+                        timings.time_to_first_token.CopyFrom(duration(stream.first_token_at - start))
+                        timings.decode.CopyFrom(duration(stream.last_token_at - stream.first_token_at))
                     response.usage.CopyFrom(
                         usage_pb2.Usage(
                             prompt_tokens=usage_pb2.PromptTokens(total=sum(sizes.values()), **sizes),
-                            completion_tokens=completion,
+                            completion_tokens=stream.completion,
                             cached_blocks=sum(b.cache_hit for b in blocks),
                             timings=timings,
                         )
                     )
                     yield response
                     return
-                if delta or (request.return_token_ids and pending):
-                    pending = []
-                    sent_any = True
-                    after_mark = ends_with_mark(delta) if delta.strip() else after_mark
-                    yield response
+                yield response
         finally:
-            if timer is not None:
-                timer.cancel()
+            stream.close()
             state.streams.pop(rid, None)
             if not finished:  # cancelled (client gone, deadline) or failed: free the cache row now
                 state.engine.abort(rid)
