@@ -1,18 +1,19 @@
 """The paper's Fig. 3 comparison: progressive modality alignment vs all data mixed in one stage, at equal steps.
 
-    .venv/bin/python -m bench.progressive_vs_mixed --base OUT/stages/0/model --eval-data DIR
+    .venv/bin/python -m bench.progressive_vs_mixed --base OUT/stages/0a/model --eval-data DIR
         [--config workflows/configs/tiny.yaml] [--data DIR] [--scale 1.0] [--out DIR] [--limit N] [--json OUT]
 
-Both arms start from the same model (``--base``: the tiny recipe's stage-0 output, which pretrains the tiny encoders
-and LLM; the paper's arms likewise both start from pretrained components). Then:
+Both arms start from the same model (``--base``: the tiny recipe's stage-0a output: stages 0v and 0a pretrain the
+tiny encoders and LLM; the paper's arms likewise both start from pretrained components). Then:
 
-- **progressive**: the config's stages after ``0`` in order (1a, 1b, 2, 3a, 3b), each with its own trainable parts,
+- **progressive**: the config's stages after ``0a`` in order (1a, 1b, 2, 3a, 3b), each with its own trainable parts,
   data mix, learning rate and steps, each starting from the previous one's model;
 - **mixed**: one stage with every task of those stages at once (each task at the largest weight any stage gives it),
   the union of their trainable parts, the largest learning rate of the full-model stages (1b, 2, 3b) and as many
   steps as the progressive stages together.
 
-``--scale`` multiplies every stage's steps (for quick runs). Both models are evaluated with ``workflows.eval`` on the
+Both arms read one dataset, the config's ``data.root`` or ``--data`` (a stage's own ``data_root`` is dropped, so
+the comparison is of the schedules, not of the data). ``--scale`` multiplies every stage's steps (for quick runs). Both models are evaluated with ``workflows.eval`` on the
 same split of ``--eval-data`` (a dataset of a seed training never saw), and the per-modality scores are printed side
 by side with the difference. Both arms run in this process one after the other.
 """
@@ -34,11 +35,13 @@ LOWER_IS_BETTER = {"asr_wer"}
 
 
 def _scaled(stage, scale: float):
-    return dataclasses.replace(stage, steps=max(1, math.ceil((stage.steps or 1) * scale)), save_every=10**9)
+    steps = max(1, math.ceil((stage.steps or 1) * scale))
+    return dataclasses.replace(stage, steps=steps, save_every=10**9, data_root=None)
 
 
-def arms(config, scale: float, first: str = "0"):
-    """The progressive stages (after ``first``) and the one mixed stage with the same total steps."""
+def arms(config, scale: float, first: str = "0a"):
+    """The progressive stages (after ``first``) and the one mixed stage with the same total steps, all reading the
+    config's ``data.root``."""
     names = [s.name for s in config.stages]
     progressive = [_scaled(s, scale) for s in config.stages[names.index(first) + 1 :]]
     if not progressive:
@@ -79,7 +82,7 @@ def _train(config, stages, out: Path, base: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=Path("workflows/configs/tiny.yaml"))
-    p.add_argument("--base", type=Path, required=True, help="the model both arms start from (stage 0's output)")
+    p.add_argument("--base", type=Path, required=True, help="the model both arms start from (stage 0a's output)")
     p.add_argument("--data", type=Path, default=None, help="training data root (default: the config's)")
     p.add_argument("--eval-data", type=Path, required=True, help="a dataset of a seed the training never saw")
     p.add_argument("--split", default="test")

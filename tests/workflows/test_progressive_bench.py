@@ -14,6 +14,7 @@ def test_the_mixed_arm_has_every_task_every_trainable_part_and_the_same_steps():
     config = load_config(TINY)
     progressive, mixed = arms(config, scale=1.0)
     assert [s.name for s in progressive] == ["1a", "1b", "2", "3a", "3b"]
+    assert all(s.data_root is None for s in [*progressive, mixed])  # one dataset for both arms
     assert mixed.steps == sum(s.steps for s in progressive)
     assert set(mixed.data) == {t for s in progressive for t in s.data}
     assert set(mixed.trainable) == {p for s in progressive for p in s.trainable}

@@ -54,8 +54,9 @@ def test_every_shipped_config_loads() -> None:
 def test_stages_follow_the_paper() -> None:
     tiny = load_config(CONFIGS / "tiny.yaml")
     big = load_config(CONFIGS / "ola-7b.yaml")
-    assert [s.name for s in tiny.stages] == ["0", *PAPER_STAGES]
-    assert set(tiny.stage("0").trainable) == set(PARTS) - {"beats"}  # BEATs stays random (cost on CPU)
+    assert [s.name for s in tiny.stages] == ["0v", "0a", *PAPER_STAGES]
+    warm_up = set(tiny.stage("0v").trainable) | set(tiny.stage("0a").trainable)
+    assert warm_up == set(PARTS) - {"beats"}  # BEATs stays random (cost on CPU)
     assert [s.name for s in big.stages] == PAPER_STAGES
     for config in (tiny, big):
         for name, parts in PAPER_TRAINABLE.items():
