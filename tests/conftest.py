@@ -272,3 +272,70 @@ def loop() -> Iterator[BackgroundLoop]:
     lp = BackgroundLoop()
     yield lp
     lp.close()
+
+
+# ------------------------------------------------------------------------------------------------ Ray head
+@dataclass
+class RayHead:
+    """A local Ray head started by ``ray start`` in a process of its own (its own session), for ``ray.init(address)``.
+
+    Why not ``ray.init()`` in the test process: that forks Ray's GCS from a process full of gRPC, torch and event
+    loop threads, and Ray runs Python in the forked child before exec. Seen in CI: the GCS never started and
+    ``ray.init`` timed out waiting for its port file.
+    """
+
+    address: str
+    proc: subprocess.Popen
+    temp: str
+
+    @classmethod
+    def start(cls, num_cpus: int, resources: dict[str, float] | None = None, timeout: float = 120) -> RayHead:
+        import json
+        import tempfile
+
+        ray = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+        temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+        port = free_port()
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        cmd = [ray, "start", "--head", "--block", "--include-dashboard=false", f"--port={port}"]
+        cmd += [f"--num-cpus={num_cpus}", f"--temp-dir={temp}", f"--resources={json.dumps(resources or {})}"]
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        head = cls(f"127.0.0.1:{port}", proc, temp)
+        deadline = time.monotonic() + timeout
+        while True:  # up once the GCS answers on its port
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+                shutil.rmtree(temp, ignore_errors=True)
+                pytest.fail(f"ray start exited with {proc.returncode}: {err}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                head.stop()
+                pytest.fail(f"the Ray head did not listen on {port} in {timeout:.0f} s")
+            time.sleep(0.3)
+        return head
+
+    def stop(self) -> None:
+        import contextlib
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the head and every process it started (its own session)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # ray start --block can leave the GCS behind on SIGTERM
+        self.proc.wait(10)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_head_factory() -> type[RayHead]:
+    """:class:`RayHead` for module fixtures that need a Ray cluster (test modules cannot import conftest)."""
+    return RayHead

@@ -178,3 +178,12 @@ def test_deadlines_reach_the_backends(stack, version):
     while engine.has_work() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.num_running == 0
+
+
+def test_grpc_target_balances_a_list_of_addresses():
+    from services.gateway import grpc_target
+
+    assert grpc_target("127.0.0.1:9000") == "127.0.0.1:9000"
+    assert grpc_target("dns:///vision.ola.svc:9000") == "dns:///vision.ola.svc:9000"
+    assert grpc_target("10.0.0.1:9000, 10.0.0.2:9000") == "ipv4:10.0.0.1:9000,10.0.0.2:9000"
+    assert grpc_target("ipv4:10.0.0.1:9000,10.0.0.2:9000") == "ipv4:10.0.0.1:9000,10.0.0.2:9000"

@@ -1,7 +1,8 @@
 """The platform on a real Ray Serve: five applications behind the real gRPC proxy on a free loopback port.
 
-One Ray cluster for the module (2 CPUs, simulated node pools ``vision_pool`` / ``llm_pool``), the tiny preset with the
-seed of the session's ``tiny_pipeline`` (so answers can be compared with local inference), real espeak-ng speech.
+One Ray cluster for the module (``ray start`` in its own process: 2 CPUs, simulated node pools ``vision_pool`` /
+``llm_pool``), the tiny preset with the seed of the session's ``tiny_pipeline`` (so answers can be compared with local
+inference), real espeak-ng speech.
 The ``ServeContext`` / ``call_*`` tests at the end need no Ray.
 """
 
@@ -57,7 +58,7 @@ def _replica_actors(app_name: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def platform():
+def platform(ray_head_factory):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
@@ -65,7 +66,8 @@ def platform():
     from services import app
     from services.client import OlaClient
 
-    ray.init(num_cpus=2, resources={"vision_pool": 2, "llm_pool": 1}, include_dashboard=False)
+    head = ray_head_factory.start(num_cpus=2, resources={"vision_pool": 2, "llm_pool": 1})
+    ray.init(address=head.address)
     try:
         config = _config(_free_port(), _free_port())
         start = time.monotonic()
@@ -78,6 +80,7 @@ def platform():
     finally:
         serve.shutdown()
         ray.shutdown()
+        head.stop()
 
 
 def _greedy(n: int):
