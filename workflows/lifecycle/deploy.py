@@ -45,13 +45,9 @@ import yaml
 
 from workflows.lifecycle.errors import LifecycleError
 from workflows.lifecycle.rollout import (
-    CHALLENGER,
     CHAMPION,
     Decision,
-    GateNotPassed,
-    RolloutConflict,
     RolloutController,
-    RolloutError,
     RolloutState,
     tick_forever,
 )
@@ -726,17 +722,7 @@ class DeployingController:
             DeployError: the challenger could not be brought up (no rollout is started).
         """
         c, name = self.controller, self.model_name
-        nominated = c.aliases.get_alias(name, CHALLENGER)
-        if nominated is None:
-            raise GateNotPassed(f"{name}: no {CHALLENGER!r} alias; a version gets it by passing the promotion gate")
-        if challenger is not None and str(challenger) != nominated:
-            raise GateNotPassed(f"{name}: the {CHALLENGER!r} alias points to version {nominated}, not {challenger}")
-        champion = c.aliases.get_alias(name, CHAMPION)
-        if champion is None:
-            raise RolloutError(f"{name}: no {CHAMPION!r} alias to roll out against; set it for a first version")
-        previous = c.state()
-        if previous is not None and previous.active:
-            raise RolloutConflict(f"{name}: rollout {previous.id} is already {previous.status}")
+        nominated, champion, _ = c.check_start(challenger)
         served = self.deployer.served_versions()
         champion_serving, challenger_serving = c.serving_version(champion), c.serving_version(nominated)
         if champion_serving not in served:

@@ -420,15 +420,14 @@ class RolloutController:
         return read(state.challenger_serving), read(state.champion_serving)
 
     # -------------------------------------------------------------------------------------------- operations
-    def start_rollout(self, challenger: str | None = None, now: float | None = None) -> RolloutState:
-        """Start a rollout of the version the ``challenger`` alias points to (must be ``challenger`` if given).
+    def check_start(self, challenger: str | None = None) -> tuple[str, str, RolloutState | None]:
+        """What :meth:`start_rollout` checks first: (challenger version, champion version, the last rollout).
 
         Raises:
-            GateNotPassed: no ``challenger`` alias, or it points to another version.
+            GateNotPassed: no ``challenger`` alias, or it points to another version than ``challenger``.
             RolloutError: no ``champion`` alias, or the challenger is the champion.
             RolloutConflict: a rollout of the model is already active.
         """
-        now = self.clock() if now is None else now
         name = self.model_name
         nominated = self.aliases.get_alias(name, CHALLENGER)
         if nominated is None:
@@ -443,6 +442,19 @@ class RolloutController:
         previous = self.state()
         if previous is not None and previous.active:
             raise RolloutConflict(f"{name}: rollout {previous.id} is already {previous.status}")
+        return nominated, champion, previous
+
+    def start_rollout(self, challenger: str | None = None, now: float | None = None) -> RolloutState:
+        """Start a rollout of the version the ``challenger`` alias points to (must be ``challenger`` if given).
+
+        Raises:
+            GateNotPassed: no ``challenger`` alias, or it points to another version.
+            RolloutError: no ``champion`` alias, or the challenger is the champion.
+            RolloutConflict: a rollout of the model is already active.
+        """
+        now = self.clock() if now is None else now
+        name = self.model_name
+        nominated, champion, previous = self.check_start(challenger)
         steps = list(self.plan.steps)
         reasons = [f"challenger {nominated} against champion {champion}; steps {steps} % of new sessions"]
         state = RolloutState(
