@@ -154,6 +154,15 @@ def s3() -> Iterator[S3Server]:
         _stop(proc)
 
 
+@pytest.fixture(scope="module")
+def s3_creds() -> Iterator[None]:
+    """The ``s3`` server's credentials in the environment, for code that reads them from there, for one module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "test")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        yield
+
+
 # ------------------------------------------------------------------------------------------------ MLflow
 _MLFLOW_START_TIMEOUT_S = 90.0
 

@@ -206,14 +206,6 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def s3_creds() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "test")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        yield
-
-
-@pytest.fixture(scope="module")
 def lc(
     mlflow_server, s3, s3_creds, redis_url, tiny_model, tiny_tok, tmp_path_factory, new_background_loop
 ) -> Iterator[Lifecycle]:

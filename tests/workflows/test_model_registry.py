@@ -45,14 +45,6 @@ def _process_group() -> Iterator[None]:
     shutdown_distributed()
 
 
-@pytest.fixture(scope="module")
-def s3_creds() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "test")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        yield
-
-
 def vision_loss_probe(stage: str, model_dir: Path) -> dict:
     """A real (if small) evaluation: norms of the two projectors of the stage output."""
     model = load_checkpoint(model_dir)
