@@ -160,22 +160,19 @@ class _Stream:
         self._wake()
 
     def _wake(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.close()
         self.ready.set()
 
     def take(self) -> tuple[str, list[int]]:
         """The text and token ids gathered since the last take."""
         self.ready.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.close()
         text, ids = "".join(self.parts), self.ids
         self.parts, self.ids = [], []
         return text, ids
 
     def close(self) -> None:
+        """Stop the interval timer, if one runs."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
