@@ -6,6 +6,10 @@ once, and cache columns that only padding still uses are trimmed. Each request k
 random generator, and positions are per request, so a request decodes exactly as it would alone (tested against
 :func:`ola_model.generation.generate_ids`).
 
+Prefill runs transformers' forward; the decode step runs :class:`ola_model.decode_step.DecodeStep` (the same arithmetic
+over the same parameters, about half the per-step overhead) unless ``fast_decode=False`` or the decoder's
+configuration is one it does not reproduce. The cache is kept as plain ``(keys, values)`` tensors per layer.
+
 The engine is synchronous and single-threaded: a server drives ``step()`` from one loop and calls ``add`` / ``abort``
 from anywhere (they only touch a lock-protected inbox).
 """
@@ -21,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ola_model.decode_step import KV, DecodeStep, unsupported_reason
 from ola_model.errors import InputError, LimitError
 from ola_model.generation import SamplingParams, process_logits, select_tokens
 
@@ -55,9 +60,18 @@ class LLMEngine:
         stop_ids: ids that end a request (not emitted).
         max_batch: most requests decoding together; more wait in the queue.
         max_context: prompt + max_new_tokens limit per request (checked in ``add``).
+        fast_decode: decode with :class:`~ola_model.decode_step.DecodeStep` where the decoder allows it (False:
+            transformers' forward for every step).
     """
 
-    def __init__(self, model, stop_ids: Sequence[int], max_batch: int = 16, max_context: int | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        stop_ids: Sequence[int],
+        max_batch: int = 16,
+        max_context: int | None = None,
+        fast_decode: bool = True,
+    ) -> None:
         if max_batch < 1:
             raise InputError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
@@ -66,11 +80,15 @@ class LLMEngine:
         self.max_context = max_context or model.config.limits.max_context
         self.vocab_limit = model.config.tokenizer_vocab_size
         self._sdpa = getattr(model.llm.config, "_attn_implementation", None) == "sdpa"  # boolean 4-D masks
+        reason = unsupported_reason(model.llm) if fast_decode else "fast_decode=False"
+        self._fast = DecodeStep(model.llm) if reason is None else None
+        if fast_decode and reason:
+            log.info("engine decodes with transformers' forward: %s", reason)
         self._lock = threading.Lock()
         self._waiting: list[_Request] = []
         self._aborted: set[str] = set()
         self._running: list[_Request] = []
-        self._cache: DynamicCache | None = None
+        self._kv: KV | None = None  # per layer (keys, values), (B, kv_heads, T, D), left-padded
         self._mask: torch.Tensor | None = None  # (B, T) 1 where the cache column is real for that row
         self._next: torch.Tensor | None = None  # (B,) the last sampled token of each running row
         self.steps = 0
@@ -159,19 +177,17 @@ class LLMEngine:
         out = model(
             embeds, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True, logits_to_keep=1
         )
-        new_layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+        new_layers = _layers(out.cache)
         base = len(self._running)
-        if self._cache is None:
-            self._cache = DynamicCache(ddp_cache_data=new_layers)
+        if self._kv is None:
+            self._kv = new_layers
             self._mask = mask
         else:
             T = max(self._mask.shape[1], L)
-            old_layers = [(layer.keys, layer.values) for layer in self._cache.layers]
-            merged = [
+            self._kv = [
                 (torch.cat([_left_pad(k0, T), _left_pad(k1, T)]), torch.cat([_left_pad(v0, T), _left_pad(v1, T)]))
-                for (k0, v0), (k1, v1) in zip(old_layers, new_layers, strict=True)
+                for (k0, v0), (k1, v1) in zip(self._kv, new_layers, strict=True)
             ]
-            self._cache = DynamicCache(ddp_cache_data=merged)
             self._mask = torch.cat([F.pad(self._mask, (T - self._mask.shape[1], 0)), F.pad(mask, (T - L, 0))])
         self._running += new
         tokens = self._sample_rows(new, out.logits[:, -1])  # logits (N, V)
@@ -183,32 +199,38 @@ class LLMEngine:
         model = self.model
         device = model.device
         # Rows admitted this step already have their first token; run the old rows only, on a batch slice.
-        if skip:
-            cache = DynamicCache(ddp_cache_data=[(lay.keys[:n], lay.values[:n]) for lay in self._cache.layers])
-        else:
-            cache = self._cache
+        kv = [(k[:n], v[:n]) for k, v in self._kv] if skip else self._kv
         mask = torch.cat([self._mask[:n], torch.ones(n, 1, dtype=self._mask.dtype, device=device)], dim=1)
-        positions = torch.tensor([[r.position] for r in self._running[:n]], device=device)
-        embeds = model.embed_tokens(self._next[:n])[:, None]  # (n, 1, C)
-        # One query per row: the 4-D mask is just the padding mask. Handing it over ready saves transformers from
-        # building it each step.
-        attn = mask[:, None, None, :].bool() if self._sdpa else mask
-        out = model(embeds, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        positions = torch.tensor([r.position for r in self._running[:n]], device=device)
+        if self._fast is not None:
+            logits, kv = self._fast(self._next[:n], positions, mask.bool(), kv)
+        else:
+            embeds = model.embed_tokens(self._next[:n])[:, None]  # (n, 1, C)
+            # One query per row: the 4-D mask is just the padding mask. Handing it over ready saves transformers
+            # from building it each step.
+            attn = mask[:, None, None, :].bool() if self._sdpa else mask
+            out = model(
+                embeds,
+                attention_mask=attn,
+                position_ids=positions[:, None],
+                cache=DynamicCache(ddp_cache_data=kv),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits, kv = out.logits[:, -1], _layers(out.cache)
         if skip:
             # Extend the new rows' cache and mask by one padding column so the batch stays rectangular.
-            layers = []
-            for old, new in zip(out.cache.layers, self._cache.layers, strict=True):
-                pad_k = F.pad(new.keys[n:], (0, 0, 0, 1))
-                pad_v = F.pad(new.values[n:], (0, 0, 0, 1))
-                layers.append((torch.cat([old.keys, pad_k]), torch.cat([old.values, pad_v])))
-            self._cache = DynamicCache(ddp_cache_data=layers)
+            self._kv = [
+                (torch.cat([k, F.pad(k_all[n:], (0, 0, 0, 1))]), torch.cat([v, F.pad(v_all[n:], (0, 0, 0, 1))]))
+                for (k, v), (k_all, v_all) in zip(kv, self._kv, strict=True)
+            ]
             self._mask = torch.cat([mask, F.pad(self._mask[n:], (0, 1))])
         else:
-            self._cache = out.cache
+            self._kv = kv
             self._mask = mask
         for r in self._running[:n]:
             r.position += 1
-        return list(enumerate(self._sample_rows(self._running[:n], out.logits[:, -1])))
+        return list(enumerate(self._sample_rows(self._running[:n], logits)))
 
     def _sample_rows(self, rows: list[_Request], logits: torch.Tensor) -> list[int]:
         """Next token of each row from its logits (n, V). Plain greedy rows share one batched argmax."""
@@ -255,17 +277,19 @@ class LLMEngine:
         keep = [i for i in range(len(self._running)) if i not in set(rows)]
         self._running = [self._running[i] for i in keep]
         if not keep:
-            self._cache, self._mask, self._next = None, None, None
+            self._kv, self._mask, self._next = None, None, None
             return
         idx = torch.tensor(keep, device=self._mask.device)
         used = self._mask[idx].any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
-        self._cache = DynamicCache(
-            ddp_cache_data=[(lay.keys[idx, :, start:], lay.values[idx, :, start:]) for lay in self._cache.layers]
-        )
+        self._kv = [(k[idx, :, start:], v[idx, :, start:]) for k, v in self._kv]
         self._mask = self._mask[idx, start:]
         if self._next is not None:
             self._next = self._next[idx]
+
+
+def _layers(cache: DynamicCache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -31,13 +31,15 @@ def _run(engine, arrivals):
     return tokens, reasons
 
 
-def test_requests_joining_at_different_steps_match_one_by_one(tiny_model):
+@pytest.mark.parametrize("fast_decode", [True, False], ids=["decode-step", "transformers"])
+def test_requests_joining_at_different_steps_match_one_by_one(tiny_model, fast_decode):
     greedy = SamplingParams.greedy(max_new_tokens=10)
     sampled = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=7, seed=11)
     specs = {"a": (1, 5, greedy), "b": (2, 17, greedy), "c": (3, 9, sampled), "d": (4, 30, greedy), "e": (5, 3, greedy)}
     arrivals = {0: ["a", "b"], 3: ["c"], 4: ["d"], 12: ["e"]}
     prompts = {k: _prompt(tiny_model, seed, n) for k, (seed, n, _) in specs.items()}
-    engine = LLMEngine(tiny_model, stop_ids=[], max_batch=8)
+    engine = LLMEngine(tiny_model, stop_ids=[], max_batch=8, fast_decode=fast_decode)
+    assert (engine._fast is not None) == fast_decode
     got, reasons = _run(engine, {s: [(k, prompts[k], specs[k][2]) for k in ks] for s, ks in arrivals.items()})
     for k, (_, _, params) in specs.items():
         assert got[k] == generate_ids(tiny_model, [prompts[k]], params, stop_ids=[])[0], k
