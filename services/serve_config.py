@@ -183,6 +183,9 @@ class TTSSpec(DeploymentSpec):
     default_voice: str = "auto"
     chunk_ms: int = Field(100, description="Duration of each streamed PCM chunk.")
     max_text_chars: int = Field(2000, description="Longest text one request may ask to speak.")
+    espeak_engine: Literal["auto", "library", "process"] = Field(
+        "auto", description="espeak only: in-process libespeak-ng (library), the program per request, or auto."
+    )
 
     @model_validator(mode="after")
     def _check_backend(self) -> TTSSpec:
@@ -197,6 +200,7 @@ class TTSSpec(DeploymentSpec):
             default_voice=self.default_voice,
             chunk_ms=self.chunk_ms,
             max_text_chars=self.max_text_chars,
+            espeak_engine=self.espeak_engine,
         )
 
 

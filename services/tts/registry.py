@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 from services.tts.backend import AUTO_VOICE, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, TTSBackend
 
 BackendName = Literal["espeak", "cosyvoice"]
+EspeakEngine = Literal["auto", "library", "process"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class TTSConfig:
         chunk_ms: duration of each streamed PCM chunk, in milliseconds.
         max_text_chars: longest text one request may ask to speak.
         prompt_voices: cosyvoice zero-shot voices, ``{voice_id: (prompt_wav_path, prompt_transcript)}``.
+        espeak_engine: espeak only: ``library`` (in-process libespeak-ng, no program start per sentence),
+            ``process`` (the ``espeak-ng`` program per request) or ``auto`` (the library where it loads).
     """
 
     backend: BackendName = "espeak"
@@ -34,6 +37,7 @@ class TTSConfig:
     chunk_ms: int = 100
     max_text_chars: int = 2000
     prompt_voices: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    espeak_engine: EspeakEngine = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in get_args(BackendName):
@@ -44,6 +48,10 @@ class TTSConfig:
             raise ValueError(f"chunk_ms must be in [10, 1000], got {self.chunk_ms}")
         if self.max_text_chars < 1:
             raise ValueError(f"max_text_chars must be >= 1, got {self.max_text_chars}")
+        if self.espeak_engine not in get_args(EspeakEngine):
+            raise ValueError(f"espeak_engine must be one of {get_args(EspeakEngine)}, got {self.espeak_engine!r}")
+        if self.backend != "espeak" and self.espeak_engine != "auto":
+            raise ValueError(f"espeak_engine is an espeak setting; backend is {self.backend!r}")
         if self.backend != "cosyvoice" and (self.model_dir or self.prompt_voices):
             raise ValueError(f"model_dir and prompt_voices are cosyvoice settings; backend is {self.backend!r}")
 
@@ -78,4 +86,4 @@ def make_backend(config: TTSConfig | Mapping[str, Any] | None = None) -> TTSBack
         return CosyVoiceBackend(config.model_dir, prompt_voices=config.prompt_voices, **common)
     from services.tts.espeak import EspeakBackend
 
-    return EspeakBackend(**common)
+    return EspeakBackend(engine=config.espeak_engine, **common)

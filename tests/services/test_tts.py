@@ -6,8 +6,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import types
 import wave
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
@@ -24,9 +27,16 @@ CHINESE = "你好，世界。今天天气很好。"
 
 @pytest.fixture(scope="module")
 def espeak() -> EspeakBackend:
+    """The program engine: deterministic, the same audio for the same text every time."""
     if shutil.which("espeak-ng") is None:
         pytest.fail("espeak-ng is not installed; the setup installs it: run scripts/install-system.sh (as root)")
-    return EspeakBackend(sample_rate=24000)
+    return EspeakBackend(sample_rate=24000, engine="process")
+
+
+@pytest.fixture(scope="module")
+def espeak_lib() -> EspeakBackend:
+    """The in-process engine (libespeak-ng, installed with espeak-ng)."""
+    return EspeakBackend(sample_rate=24000, engine="library")
 
 
 def pcm_of(chunks) -> np.ndarray:
@@ -34,9 +44,8 @@ def pcm_of(chunks) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------- espeak-ng
-def test_espeak_speaks_real_audio(espeak):
-    chunks = list(espeak.synthesize(ENGLISH, voice="en-us"))
-    pcm = pcm_of(chunks)
+def assert_speech(pcm: np.ndarray) -> None:
+    """24 kHz int16 of ENGLISH: a plausible duration, loud enough, with pauses and voiced parts."""
     duration = len(pcm) / 24000
     words = len(ENGLISH.split())
     assert 0.15 * words < duration < 1.5 * words + 0.5, duration
@@ -46,6 +55,10 @@ def test_espeak_speaks_real_audio(espeak):
     frames = pcm[: len(pcm) // 1200 * 1200].reshape(-1, 1200).astype(np.float64)
     loudness = np.sqrt((frames**2).mean(axis=1))
     assert loudness.max() > 10 * (loudness.min() + 1)
+
+
+def test_espeak_speaks_real_audio(espeak):
+    assert_speech(pcm_of(espeak.synthesize(ENGLISH, voice="en-us")))
 
 
 def test_espeak_chunks_are_ordered_and_sized(espeak):
@@ -73,7 +86,7 @@ def test_espeak_at_its_native_rate_equals_its_wav_file(espeak, tmp_path):
 def test_chunk_size_does_not_change_the_audio():
     whole = {}
     for chunk_ms in (20, 100, 700):
-        backend = EspeakBackend(sample_rate=16000, chunk_ms=chunk_ms)
+        backend = EspeakBackend(sample_rate=16000, chunk_ms=chunk_ms, engine="process")
         whole[chunk_ms] = pcm_of(backend.synthesize(ENGLISH, voice="en-gb"))
     np.testing.assert_array_equal(whole[20], whole[100])
     np.testing.assert_array_equal(whole[20], whole[700])
@@ -158,6 +171,68 @@ def test_stopping_early_ends_the_espeak_process(espeak, monkeypatch):
     assert len(started) == 1 and started[0].poll() is not None
 
 
+# ---------------------------------------------------------------------------------------- espeak-ng, in-process
+def test_the_library_engine_is_the_default_and_speaks(espeak_lib):
+    assert make_backend().engine == "library" and espeak_lib.engine == "library"
+    assert_speech(pcm_of(espeak_lib.synthesize(ENGLISH, voice="en-us")))
+    chunks = list(espeak_lib.synthesize("Hello there, this is a test.", voice="en-us"))
+    assert [c.index for c in chunks] == list(range(len(chunks))) and chunks[-1].is_last
+    assert all(c.num_samples == 2400 for c in chunks[:-1])
+
+
+def test_the_librarys_first_text_equals_the_programs_audio(tmp_path):
+    """Sample for sample, in a fresh process. Later texts differ slightly (the synthesizer carries state such as its
+    pitch flutter and noise from one text to the next), so they are compared by duration below."""
+    out = tmp_path / "lib.pcm"
+    code = (
+        "import sys, numpy as np; from services.tts.espeak import EspeakBackend; "
+        "b = EspeakBackend(engine='library'); "
+        f"pcm = b''.join(c.data for c in b.synthesize({ENGLISH!r}, voice='en-us', sample_rate=22050)); "
+        "open(sys.argv[1], 'wb').write(pcm)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=60)
+    reference = pcm_of(EspeakBackend(engine="process").synthesize(ENGLISH, voice="en-us", sample_rate=22050))
+    np.testing.assert_array_equal(np.frombuffer(out.read_bytes(), dtype="<i2"), reference)
+
+
+@pytest.mark.parametrize(
+    ("text", "voice", "speed"), [(ENGLISH, "en-us", 1.0), (ENGLISH, "en-gb+f3", 2.0), (CHINESE, "cmn", 1.0)]
+)
+def test_the_library_speaks_as_long_as_the_program(espeak, espeak_lib, text, voice, speed):
+    for _ in range(2):  # not only the first text of the process
+        lib = pcm_of(espeak_lib.synthesize(text, voice=voice, speed=speed)).size
+        program = pcm_of(espeak.synthesize(text, voice=voice, speed=speed)).size
+        assert abs(lib - program) <= 0.01 * program, (lib, program)
+
+
+def test_the_library_stops_when_the_consumer_does_and_serves_threads_in_turn(espeak_lib):
+    stream = espeak_lib.synthesize(ENGLISH * 30, voice="en-us")
+    assert next(stream).index == 0
+    stream.close()  # what a cancelled request does: the synthesis stops at its next piece, the library is free
+    deadline = time.monotonic() + 5
+    while any(t.name == "espeak" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "espeak" for t in threading.enumerate())
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(lambda _: pcm_of(espeak_lib.synthesize(ENGLISH, voice="en-us")).size, range(4)))
+    assert max(sizes) - min(sizes) <= 0.01 * max(sizes)
+
+
+def test_library_engine_missing_is_backend_unavailable(monkeypatch):
+    from services.tts import libespeak
+
+    def missing(name="espeak-ng"):
+        raise libespeak.LibEspeakError("cannot load libespeak-ng.so.1: not found")
+
+    monkeypatch.setattr(libespeak, "load", missing)
+    with pytest.raises(BackendUnavailable, match=r"cannot load libespeak-ng\.so\.1") as info:
+        EspeakBackend(engine="library")
+    assert info.value.grpc_code == "FAILED_PRECONDITION"
+    assert EspeakBackend(engine="auto").engine == "process"  # auto falls back to the program
+    with pytest.raises(ValueError, match="engine must be"):
+        EspeakBackend(engine="gpu")
+
+
 def test_espeak_missing_is_backend_unavailable():
     with pytest.raises(BackendUnavailable, match="not on PATH; install it") as info:
         EspeakBackend(executable="espeak-ng-not-installed")
@@ -189,6 +264,11 @@ def test_config_validation_and_factory(tmp_path):
         TTSConfig(sample_rate=96000)
     with pytest.raises(ValueError, match="cosyvoice settings"):
         TTSConfig(backend="espeak", model_dir=str(tmp_path))
+    assert make_backend({"espeak_engine": "process"}).engine == "process"
+    with pytest.raises(ValueError, match="espeak_engine must be one of"):
+        TTSConfig(espeak_engine="gpu")
+    with pytest.raises(ValueError, match="espeak setting"):
+        TTSConfig(backend="cosyvoice", espeak_engine="library")
 
 
 # ------------------------------------------------------------------------------------------------------- CosyVoice
