@@ -110,6 +110,9 @@ def ends_with_mark(text: str) -> bool:
     return text.rstrip(" \t")[-1:] in _SENTENCE_MARKS
 
 
+STEP_TURN_S = 0.05  # longest one engine steps before the driver looks at the other model versions' engines
+
+
 class _Stream:
     """The decoded tokens of one Generate call between two of its messages.
 
@@ -324,13 +327,25 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
                 continue
             for state in busy:
                 try:
-                    outputs = await loop.run_in_executor(self._step_executor, state.engine.step)
+                    await loop.run_in_executor(self._step_executor, self._run_steps, state, loop)
                 except Exception as exc:
                     log.exception("engine step of %s failed; failing its requests", state.loaded.version)
                     self._fail(state, exc)
                     state.engine = self._new_engine(state.loaded)  # its batch state is unknown now
                     continue
-                self._after_step(state, outputs)
+
+    def _run_steps(self, state: _EngineState, loop: asyncio.AbstractEventLoop) -> None:
+        """In the step thread: step one engine back to back while it has work, for up to ``STEP_TURN_S`` (then other
+        versions' engines get their turn). Each step's outputs go to the event loop without waiting for it, so the
+        loop's work (messages, detokenising) overlaps the next step. New requests and aborts reach the engine through
+        its lock-protected inbox between steps."""
+        engine = state.engine
+        until = time.perf_counter() + STEP_TURN_S
+        while engine.has_work():
+            outputs = engine.step()
+            loop.call_soon_threadsafe(self._after_step, state, outputs)
+            if time.perf_counter() >= until:
+                break
 
     def _after_step(self, state: _EngineState, outputs: list[StepOutput]) -> None:
         engine = state.engine
