@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -265,6 +266,11 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
         self._step_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-step")
         self._driver: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
+        # Step outputs on their way from the step thread to the event loop; one wake-up of the loop takes all that
+        # gathered since the last (each call_soon_threadsafe writes to the loop's wake-up pipe: a system call).
+        self._handoff: collections.deque[tuple[_EngineState, list[StepOutput]]] = collections.deque()
+        self._handoff_lock = threading.Lock()
+        self._handoff_scheduled = False
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
         self.max_batch_size = 0
 
@@ -343,9 +349,22 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
         until = time.perf_counter() + STEP_TURN_S
         while engine.has_work():
             outputs = engine.step()
-            loop.call_soon_threadsafe(self._after_step, state, outputs)
+            with self._handoff_lock:
+                self._handoff.append((state, outputs))
+                wake, self._handoff_scheduled = not self._handoff_scheduled, True
+            if wake:
+                loop.call_soon_threadsafe(self._take_handoff)
             if time.perf_counter() >= until:
                 break
+
+    def _take_handoff(self) -> None:
+        """In the event loop: every step output handed over since the last wake-up, in step order."""
+        with self._handoff_lock:
+            items = list(self._handoff)
+            self._handoff.clear()
+            self._handoff_scheduled = False
+        for state, outputs in items:
+            self._after_step(state, outputs)
 
     def _after_step(self, state: _EngineState, outputs: list[StepOutput]) -> None:
         engine = state.engine

@@ -115,6 +115,9 @@ def test_normalisation_range_and_values() -> None:
     assert tensor.min().item() == -1.0 and tensor.max().item() == 1.0
     expected = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     torch.testing.assert_close(tensor, expected, atol=1e-6, rtol=0)
+    # bit for bit the CLIP processor's float32 arithmetic, (x / 255 - 0.5) / 0.5, in a contiguous (3, H, W) tensor
+    reference = torch.from_numpy((arr.astype(np.float32) / 255.0 - 0.5) / 0.5).permute(2, 0, 1)
+    assert torch.equal(tensor, reference) and tensor.is_contiguous()
     views = process_image(Image.fromarray(arr))
     for view in (views.lowres, views.highres):
         assert view.min() >= -1.0 and view.max() <= 1.0
