@@ -1,5 +1,6 @@
 """OryxViT, the local-global pooling and the vision block layouts, against direct formulas."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -50,10 +51,19 @@ def test_position_table_is_resized_bilinearly_without_corner_alignment():
     torch.testing.assert_close(half[1, 2], table[2:4, 4:6].mean((0, 1)), rtol=1e-5, atol=1e-6)
 
 
-def test_varlen_batch_equals_encoding_each_image_alone():
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [(64, 96), (32, 32), (128, 48), (64, 96)],  # 24, 4, 24, 24 tokens: two groups, unpadded
+        [(64, 96), (32, 32), (48, 48), (64, 96)],  # 24, 4, 9, 24 tokens: three lengths, one padded batch
+    ],
+    ids=["length-groups", "padded"],
+)
+def test_varlen_batch_equals_encoding_each_image_alone(sizes):
     vit = _vit()
     torch.manual_seed(1)
-    images = [torch.randn(3, 64, 96), torch.randn(3, 32, 32), torch.randn(3, 128, 48), torch.randn(3, 64, 96)]
+    images = [torch.randn(3, h, w) for h, w in sizes]
+    assert len({(h // 16) * (w // 16) for h, w in sizes}) == (2 if sizes[2] == (128, 48) else 3)
     with torch.no_grad():
         batched = vit(images)
         alone = [vit([img])[0] for img in images]
