@@ -13,9 +13,10 @@ tiny encoders and LLM; the paper's arms likewise both start from pretrained comp
   steps as the progressive stages together.
 
 Both arms read one dataset, the config's ``data.root`` or ``--data`` (a stage's own ``data_root`` is dropped, so
-the comparison is of the schedules, not of the data). ``--scale`` multiplies every stage's steps (for quick runs). Both models are evaluated with ``workflows.eval`` on the
-same split of ``--eval-data`` (a dataset of a seed training never saw), and the per-modality scores are printed side
-by side with the difference. Both arms run in this process one after the other.
+the comparison is of the schedules, not of the data). ``--scale`` multiplies every stage's steps (for quick runs).
+Both models are evaluated with ``workflows.eval`` on the same split of ``--eval-data`` (a dataset of a seed training
+never saw), and the per-modality scores are printed side by side with the difference. Both arms run in this process
+one after the other.
 """
 
 from __future__ import annotations

@@ -319,56 +319,70 @@ def _sampling(n: int):
     return sampling_pb2.SamplingParams(temperature=0.0, top_k=0, repetition_penalty=1.0, max_new_tokens=n)
 
 
-def throughput(stack: Stack, concurrency: list[int], new_tokens: int, images: int = 1) -> list[dict[str, Any]]:
+def throughput(
+    stack: Stack, concurrency: list[int], new_tokens: int, images: int = 1, repeats: int = 3
+) -> list[dict[str, Any]]:
     """Chats with ``images`` fresh 320×240 images each (0: text chats), N at a time through the services vs one at
-    a time through ``ola_model`` generation."""
+    a time through ``ola_model`` generation. Each arm runs ``repeats`` times per N (fresh images each time); the
+    medians are compared."""
     from ola_model import OlaRequest, SamplingParams
 
     rows = []
     stack.load(1, seed=1, images=images, new_tokens=new_tokens)  # warm-up of every path, both arms
     warm = stack.pipeline.prepare(OlaRequest(_question(0), images=[_png(2, (320, 240))] * images))
     generate_ids(stack.pipeline.model, [warm.embeds], SamplingParams.greedy(max_new_tokens=4), stack.pipeline.stop_ids)
+    params = SamplingParams.greedy(max_new_tokens=new_tokens)
     for k, n in enumerate(concurrency):
-        seed = 10_000 * (k + 1)  # fresh images for every run: no encoder cache hit in either arm
-        stack.llm_stats()
-        served_tokens, served_s = stack.load(n, seed, images=images, new_tokens=new_tokens)
-        max_batch = stack.llm_stats()["max_batch"]
+        served, local, engine_alone = [], [], []
+        max_batch = 0
+        for r in range(repeats):
+            seed = 10_000 * (k + 1) + 1_000 * r  # fresh images for every run: no encoder cache hit in either arm
+            stack.llm_stats()
+            served_tokens, served_s = stack.load(n, seed, images=images, new_tokens=new_tokens)
+            served.append(served_tokens / served_s)
+            max_batch = max(max_batch, stack.llm_stats()["max_batch"])
 
-        params = SamplingParams.greedy(max_new_tokens=new_tokens)
-        start = time.perf_counter()
-        local_tokens = 0
-        prompts = []
-        for i in range(n):
-            pictures = [_png(seed + 100 * i + j, (320, 240)) for j in range(images)]
-            prompt = stack.pipeline.prepare(OlaRequest(_question(i), images=pictures), reserve=new_tokens)
-            local_tokens += len(generate_ids(stack.pipeline.model, [prompt.embeds], params, stack.pipeline.stop_ids)[0])
-            prompts.append(prompt.embeds)
-        local_s = time.perf_counter() - start
+            pictures = [[_png(seed + 100 * i + j, (320, 240)) for j in range(images)] for i in range(n)]
+            start = time.perf_counter()
+            local_tokens = 0
+            prompts = []
+            for i in range(n):
+                prompt = stack.pipeline.prepare(OlaRequest(_question(i), images=pictures[i]), reserve=new_tokens)
+                ids = generate_ids(stack.pipeline.model, [prompt.embeds], params, stack.pipeline.stop_ids)[0]
+                local_tokens += len(ids)
+                prompts.append(prompt.embeds)
+            local.append(local_tokens / (time.perf_counter() - start))
 
-        # For reference: the engine alone (no encoding, no RPC) decoding the same prompts as one batch.
-        engine = LLMEngine(stack.pipeline.model, stack.pipeline.stop_ids, max_batch=n)
-        for i, embeds in enumerate(prompts):
-            engine.add(str(i), embeds, params)
-        start = time.perf_counter()
-        engine_tokens = 0
-        while engine.has_work():
-            engine_tokens += sum(1 for out in engine.step() if out.token_id is not None)
-        engine_s = time.perf_counter() - start
+            # For reference: the engine alone (no encoding, no RPC) decoding the same prompts as one batch.
+            engine = LLMEngine(stack.pipeline.model, stack.pipeline.stop_ids, max_batch=n)
+            for i, embeds in enumerate(prompts):
+                engine.add(str(i), embeds, params)
+            start = time.perf_counter()
+            engine_tokens = 0
+            while engine.has_work():
+                engine_tokens += sum(1 for out in engine.step() if out.token_id is not None)
+            engine_alone.append(engine_tokens / (time.perf_counter() - start))
+        services_tok_s, local_tok_s = statistics.median(served), statistics.median(local)
         rows.append(
             {
                 "images": images,
                 "concurrency": n,
-                "services_tok_s": served_tokens / served_s,
-                "one_at_a_time_tok_s": local_tokens / local_s,
-                "ratio": (served_tokens / served_s) / (local_tokens / local_s),
-                "engine_alone_tok_s": engine_tokens / engine_s,
+                "repeats": repeats,
+                "services_tok_s": services_tok_s,
+                "one_at_a_time_tok_s": local_tok_s,
+                "ratio": services_tok_s / local_tok_s,
+                "ratio_min": min(served) / max(local),
+                "ratio_max": max(served) / min(local),
+                "engine_alone_tok_s": statistics.median(engine_alone),
                 "tokens": served_tokens,
                 "max_batch": max_batch,
+                "services_runs_tok_s": served,
+                "one_at_a_time_runs_tok_s": local,
             }
         )
         print(
-            f"  {images} image(s), N={n}: services {rows[-1]['services_tok_s']:.0f} tok/s, one at a time "
-            f"{rows[-1]['one_at_a_time_tok_s']:.0f} tok/s, ratio {rows[-1]['ratio']:.2f}x",
+            f"  {images} image(s), N={n}: services {services_tok_s:.0f} tok/s, one at a time {local_tok_s:.0f} tok/s, "
+            f"ratio {rows[-1]['ratio']:.2f}x (medians of {repeats})",
             file=sys.stderr,
         )
     return rows
@@ -517,6 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="throughput runs per N and arm (medians compared)")
     parser.add_argument("--stream-interval-ms", type=float, default=20.0, help="the LLM service's (default 20)")
     parser.add_argument("--cache-repeats", type=int, default=3)
     parser.add_argument("--audio-attempts", type=int, default=5, help="answers per length (0: skip this part)")
@@ -547,7 +562,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         print("throughput ...", file=sys.stderr)
         result["throughput"] = [
-            row for images in (1, 0) for row in throughput(stack, concurrency, args.new_tokens, images)
+            row
+            for images in (1, 0)
+            for row in throughput(stack, concurrency, args.new_tokens, images, repeats=args.repeats)
         ]
         print(
             format_table(
@@ -558,6 +575,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ("services_tok_s", "services tok/s"),
                     ("one_at_a_time_tok_s", "one-at-a-time tok/s"),
                     ("ratio", "ratio"),
+                    ("ratio_min", "lowest"),
+                    ("ratio_max", "highest"),
                     ("engine_alone_tok_s", "engine alone tok/s"),
                     ("max_batch", "largest batch"),
                 ],

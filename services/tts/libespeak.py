@@ -30,7 +30,6 @@ _EE_OK = 0
 _ERRORS = {-1: "internal error", 1: "buffer full", 2: "not found"}
 
 
-
 class _Voice(ctypes.Structure):  # espeak_VOICE
     _fields_ = [
         ("name", ctypes.c_char_p),
