@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import math
 import os
 import shutil
 import statistics
@@ -201,15 +202,17 @@ def _photo(seed: int, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def _chat_load(target: str, n: int, seed: int, images: int, new_tokens: int, photos: bool, conn) -> None:
-    """A client process: ``n`` concurrent chats with ``images`` fresh images each (320×240 noise PNGs, or 640×480
-    JPEG photos 1000×750); sends (completion tokens, seconds)."""
+def _chat_load(
+    target: str, n: int, seed: int, images: int, new_tokens: int, photos: bool, conn, rounds: int = 1
+) -> None:
+    """A client process: ``rounds`` bursts, one after the other, of ``n`` concurrent chats with ``images`` fresh
+    images each (320×240 noise PNGs, or 1000×750 JPEG photos); sends (completion tokens, seconds of all rounds)."""
     from services.gen.ola.common.v1 import media_pb2
     from services.gen.ola.omni.v1 import omni_pb2
 
     stub = omni_pb2_grpc.OmniServiceStub(grpc.insecure_channel(target, options=_OPTIONS))
     make = (lambda k: _photo(k, (1000, 750))) if photos else (lambda k: _png(k, (320, 240)))
-    pictures = [[make(seed + 100 * i + j) for j in range(images)] for i in range(n)]
+    pictures = [[make(seed + 100 * i + j) for j in range(images)] for i in range(n * rounds)]
 
     def chat(i: int) -> int:
         req = omni_pb2.ChatRequest(
@@ -223,9 +226,11 @@ def _chat_load(target: str, n: int, seed: int, images: int, new_tokens: int, pho
                 tokens = event.usage.completion_tokens
         return tokens
 
+    tokens = 0
     start = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
-        tokens = sum(pool.map(chat, range(n)))
+        for r in range(rounds):
+            tokens += sum(pool.map(chat, range(r * n, (r + 1) * n)))
     conn.send((tokens, time.perf_counter() - start))
 
 
@@ -294,12 +299,19 @@ class Stack:
         return self._llm_conn.recv()
 
     def load(
-        self, n: int, seed: int, images: int, new_tokens: int, gateway: int | None = None, photos: bool = False
+        self,
+        n: int,
+        seed: int,
+        images: int,
+        new_tokens: int,
+        gateway: int | None = None,
+        photos: bool = False,
+        rounds: int = 1,
     ) -> tuple[int, float]:
-        """``n`` concurrent chats from a client process; (completion tokens, seconds)."""
+        """``rounds`` bursts of ``n`` concurrent chats from a client process; (completion tokens, seconds)."""
         target = self.gateway_targets[gateway or next(iter(self.gateway_targets))]
         parent, child = self._ctx.Pipe()
-        args = (target, n, seed, images, new_tokens, photos, child)
+        args = (target, n, seed, images, new_tokens, photos, child, rounds)
         proc = self._ctx.Process(target=_chat_load, args=args, daemon=True)
         proc.start()
         result = parent.recv()
@@ -320,11 +332,12 @@ def _sampling(n: int):
 
 
 def throughput(
-    stack: Stack, concurrency: list[int], new_tokens: int, images: int = 1, repeats: int = 3
+    stack: Stack, concurrency: list[int], new_tokens: int, images: int = 1, repeats: int = 3, chats: int = 32
 ) -> list[dict[str, Any]]:
     """Chats with ``images`` fresh 320×240 images each (0: text chats), N at a time through the services vs one at
-    a time through ``ola_model`` generation. Each arm runs ``repeats`` times per N (fresh images each time); the
-    medians are compared."""
+    a time through ``ola_model`` generation. A run is at least ``chats`` chats: bursts of N concurrent chats one
+    after the other, or as many chats one at a time. Each arm runs ``repeats`` times per N (fresh images each
+    time); the medians are compared."""
     from ola_model import OlaRequest, SamplingParams
 
     rows = []
@@ -333,25 +346,27 @@ def throughput(
     generate_ids(stack.pipeline.model, [warm.embeds], SamplingParams.greedy(max_new_tokens=4), stack.pipeline.stop_ids)
     params = SamplingParams.greedy(max_new_tokens=new_tokens)
     for k, n in enumerate(concurrency):
+        rounds = max(1, math.ceil(chats / n))
         served, local, engine_alone = [], [], []
         max_batch = 0
         for r in range(repeats):
             seed = 10_000 * (k + 1) + 1_000 * r  # fresh images for every run: no encoder cache hit in either arm
             stack.llm_stats()
-            served_tokens, served_s = stack.load(n, seed, images=images, new_tokens=new_tokens)
+            served_tokens, served_s = stack.load(n, seed, images=images, new_tokens=new_tokens, rounds=rounds)
             served.append(served_tokens / served_s)
             max_batch = max(max_batch, stack.llm_stats()["max_batch"])
 
-            pictures = [[_png(seed + 100 * i + j, (320, 240)) for j in range(images)] for i in range(n)]
+            pictures = [[_png(seed + 100 * i + j, (320, 240)) for j in range(images)] for i in range(n * rounds)]
             start = time.perf_counter()
             local_tokens = 0
             prompts = []
-            for i in range(n):
+            for i in range(n * rounds):
                 prompt = stack.pipeline.prepare(OlaRequest(_question(i), images=pictures[i]), reserve=new_tokens)
                 ids = generate_ids(stack.pipeline.model, [prompt.embeds], params, stack.pipeline.stop_ids)[0]
                 local_tokens += len(ids)
                 prompts.append(prompt.embeds)
             local.append(local_tokens / (time.perf_counter() - start))
+            prompts = prompts[:n]
 
             # For reference: the engine alone (no encoding, no RPC) decoding the same prompts as one batch.
             engine = LLMEngine(stack.pipeline.model, stack.pipeline.stop_ids, max_batch=n)
@@ -368,6 +383,7 @@ def throughput(
                 "images": images,
                 "concurrency": n,
                 "repeats": repeats,
+                "chats_per_run": n * rounds,
                 "services_tok_s": services_tok_s,
                 "one_at_a_time_tok_s": local_tok_s,
                 "ratio": services_tok_s / local_tok_s,
@@ -532,6 +548,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs per N and arm (medians compared)")
+    parser.add_argument("--chats", type=int, default=32, help="fewest chats in one throughput run")
     parser.add_argument("--stream-interval-ms", type=float, default=20.0, help="the LLM service's (default 20)")
     parser.add_argument("--cache-repeats", type=int, default=3)
     parser.add_argument("--audio-attempts", type=int, default=5, help="answers per length (0: skip this part)")
@@ -564,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["throughput"] = [
             row
             for images in (1, 0)
-            for row in throughput(stack, concurrency, args.new_tokens, images, repeats=args.repeats)
+            for row in throughput(stack, concurrency, args.new_tokens, images, repeats=args.repeats, chats=args.chats)
         ]
         print(
             format_table(
