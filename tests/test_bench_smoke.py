@@ -64,6 +64,21 @@ def test_tiny_latency_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert result["decode_step_weight_bytes"] > 0
 
 
+def test_engine_streams_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine_streams = _bench("engine_streams", monkeypatch)
+    out = tmp_path / "streams.json"
+    args = ["--streams", "1", "3", "--prompt", "8", "--new-tokens", "4", "--threads", "1", "--json", str(out)]
+    result = engine_streams.main(args)
+
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert [r["streams"] for r in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        assert row["engine_tok_s"] > 0 and row["generate_tok_s"] > 0 and row["ratio"] > 0
+        assert 0 < row["engine_ttft_median_ms"] <= row["engine_ttft_max_ms"] and row["generate_ttft_ms"] > 0
+        assert row["step_ms"] > 0 and row["bound_fraction"] is None  # no bandwidth bound on CPU
+    assert result["decode_step_weight_bytes"] > 0 and result["bandwidth_bound_step_ms"] is None
+
+
 def test_serving_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every part of bench/serving.py at toy size: services in their own processes, clients in theirs."""
     serving = _bench("serving", monkeypatch)
