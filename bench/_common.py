@@ -81,3 +81,17 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def run_and_report(
+    args: Any, run: Callable[[Any], dict[str, Any]], report: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
+    """What a benchmark's main does with its parsed arguments: run, print the report, write ``args.json`` if set."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    result = run(args)
+    print(report(result))
+    if args.json is not None:
+        write_json(args.json, result)
+    return result

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bench._common import DTYPES, format_table, machine_info, sync, write_json
+from bench._common import DTYPES, format_table, machine_info, run_and_report, sync
 from bench.tiny_latency import DEFAULT_BANDWIDTH, llm_weight_bytes
 from ola_model.config import OlaConfig
 from ola_model.engine import LLMEngine
@@ -192,12 +192,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(args)
-    print(report(result))
-    if args.json is not None:
-        write_json(args.json, result)
-    return result
+    return run_and_report(args, run, report)
 
 
 if __name__ == "__main__":

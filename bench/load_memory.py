@@ -43,7 +43,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from bench._common import DTYPES, format_table, machine_info, write_json
+from bench._common import DTYPES, format_table, machine_info, run_and_report
 from ola_model.checkpoint.name_map import build_map, ola_checkpoint_name
 from ola_model.checkpoint.ola_format import INDEX_FILE, load_checkpoint, read_config, save_checkpoint
 from ola_model.config import OlaConfig
@@ -287,12 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             raise SystemExit("--worker needs --checkpoint")
         print(json.dumps(measure_in_process(args.worker, args.checkpoint, DTYPES[args.dtype])))
         return None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(args)
-    print(report(result))
-    if args.json is not None:
-        write_json(args.json, result)
-    return result
+    return run_and_report(args, run, report)
 
 
 if __name__ == "__main__":

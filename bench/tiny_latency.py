@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._common import DTYPES, format_table, machine_info, median, sync, time_call, write_json
+from bench._common import DTYPES, format_table, machine_info, median, run_and_report, sync, time_call
 from ola_model.config import OlaConfig
 from ola_model.generation import SamplingParams, decode
 from ola_model.model import OlaModel, build_model
@@ -220,12 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    result = run(args)
-    print(report(result))
-    if args.json is not None:
-        write_json(args.json, result)
-    return result
+    return run_and_report(args, run, report)
 
 
 if __name__ == "__main__":
