@@ -478,6 +478,7 @@ class VisionEncoderDeployment(_ModelDeployment):
                 media=config.media_config(),
                 max_images=config.vision.max_images,
                 encode_threads=config.vision.encode_threads,
+                batch_images=config.vision.batch_images,
             )
         )
 

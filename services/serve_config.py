@@ -161,6 +161,7 @@ class ModelServiceSpec(DeploymentSpec):
 class VisionSpec(ModelServiceSpec):
     max_images: int = Field(16, ge=1, description="Most images in one EncodeImages request.")
     encode_threads: int = Field(1, ge=1, description="Encoder calls running at once in a replica.")
+    batch_images: int = Field(32, ge=1, description="Most images of concurrent requests in one ViT call.")
 
 
 class AudioSpec(ModelServiceSpec):

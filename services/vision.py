@@ -3,8 +3,10 @@
 Each image or video becomes one ``EmbeddingBlock`` made by the pinned model version's OryxViT + vision projector
 (:meth:`ola_model.model.OlaModel.encode_images` / ``encode_video``), begin / separator / newline / end vectors
 included, so the LLM service splices it in unchanged. All views of all images of a request go through the ViT as one
-varlen batch; all sampled frames of a video as one batch. Outputs are cached (:mod:`services.cache`) under the model
-version, the media's SHA-256, the preprocessing limits and the output dtype; a hit skips decoding and encoding.
+varlen batch, together with the images of other requests that arrived while the ViT was busy
+(:mod:`services.batching`); all sampled frames of a video as one batch. Outputs are cached (:mod:`services.cache`)
+under the model version, the media's SHA-256, the preprocessing limits and the output dtype; a hit skips decoding
+and encoding.
 
 This module also holds :class:`EncoderServicerBase`, what the vision and audio encoder servicers share.
 
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ola_model.processing.image import ImageViews, load_image, process_image
 from ola_model.processing.video import VideoClip, load_video
+from services.batching import RequestBatcher
 from services.cache import CacheConfig, CachedBlock, EncoderCache, cache_key, make_cache
 from services.errors import InvalidArgument, at_field, grpc_method
 from services.gen.ola.common.v1 import embedding_pb2, errors_pb2, tensor_pb2, usage_pb2
@@ -143,6 +146,9 @@ class VisionServiceConfig(BaseModel):
     media: MediaConfig = Field(default_factory=MediaConfig)
     max_images: int = Field(16, ge=1, description="Most images in one EncodeImages request.")
     encode_threads: int = Field(1, ge=1, description="Encoder calls running at once (others wait their turn).")
+    batch_images: int = Field(
+        32, ge=1, description="Most images of concurrent requests that go through the ViT in one call."
+    )
 
 
 def _has_audio_track(data: bytes) -> bool:
@@ -161,6 +167,11 @@ class VisionEncoderServicer(EncoderServicerBase, vision_pb2_grpc.VisionEncoderSe
     SERVICE_NAME = SERVICE_NAME
     SERVICE_LABEL = "vision"
     config_class = VisionServiceConfig
+
+    def __init__(self, config: VisionServiceConfig | None = None, **shared: Any) -> None:
+        super().__init__(config, **shared)
+        # The images of requests that arrive while the ViT is busy go through it together in its next call.
+        self.image_batcher = RequestBatcher(self.config.batch_images, workers=self.config.encode_threads)
 
     # ------------------------------------------------------------------------------------------------ images
     @grpc_method
@@ -193,7 +204,11 @@ class VisionEncoderServicer(EncoderServicerBase, vision_pb2_grpc.VisionEncoderSe
             start = time.perf_counter()
             views = await asyncio.to_thread(self._decode_images, loaded, [(i, medias[i]) for i in missing])
             decode_s += time.perf_counter() - start
-            computed, encode_s = await self._encode("image", self._encode_images, loaded, views, dtype)
+            computed, encode_s = await self.image_batcher.submit(
+                (loaded.version, dtype),
+                views,
+                lambda batch: self._encode("image", self._encode_images, loaded, batch, dtype),
+            )
             for i, tensor in zip(missing, computed, strict=True):
                 blocks[i] = CachedBlock(tensor)
                 await self.cache.put(keys[i], blocks[i])

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ola_model import vision
 from ola_model.projector import LocalGlobalPooler, VisionProjector
 from ola_model.vision import OryxViT
 
@@ -55,11 +56,14 @@ def test_position_table_is_resized_bilinearly_without_corner_alignment():
     "sizes",
     [
         [(64, 96), (32, 32), (128, 48), (64, 96)],  # 24, 4, 24, 24 tokens: two groups, unpadded
-        [(64, 96), (32, 32), (48, 48), (64, 96)],  # 24, 4, 9, 24 tokens: three lengths, one padded batch
+        [(64, 96), (32, 32), (48, 48), (64, 96)],  # 24, 4, 9, 24 tokens: three lengths (padded beyond two off CPU)
     ],
-    ids=["length-groups", "padded"],
+    ids=["two-lengths", "three-lengths"],
 )
-def test_varlen_batch_equals_encoding_each_image_alone(sizes):
+@pytest.mark.parametrize("device_limit", [None, 2], ids=["cpu-groups", "accelerator-limit"])
+def test_varlen_batch_equals_encoding_each_image_alone(sizes, device_limit, monkeypatch):
+    if device_limit is not None:  # what an accelerator does: a padded batch beyond two lengths
+        monkeypatch.setattr(vision, "MAX_UNPADDED_GROUPS", {})
     vit = _vit()
     torch.manual_seed(1)
     images = [torch.randn(3, h, w) for h, w in sizes]

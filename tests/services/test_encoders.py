@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -112,6 +113,29 @@ def test_encode_images_equals_the_model_and_caches(vision_stub, tiny_model, make
     assert torch.equal(_tensor(bf16.blocks[0]), expected[0].to(torch.bfloat16))
     native = vision_stub.EncodeImages(vision_pb2.EncodeImagesRequest(images=[_inline(images[0])]), timeout=60)
     assert native.blocks[0].cache_hit and native.blocks[0].embeddings.dtype == F32
+
+
+def test_concurrent_requests_share_vit_calls_and_equal_encoding_alone(
+    vision_stub, servicers, tiny_model, make_media, version
+):
+    vision, _ = servicers
+    # sizes of three token counts, fresh colours (no cache hits)
+    images = [make_media.png((48 + 16 * (k % 3), 40), (7 + 31 * k, 123, 201 - 17 * k)) for k in range(8)]
+    before = len(vision.image_batcher.calls)
+
+    def encode(data: bytes):
+        request = vision_pb2.EncodeImagesRequest(images=[_inline(data)], output_dtype=F32)
+        return vision_stub.EncodeImages(request, timeout=60)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(encode, images))
+    for reply, data in zip(replies, images, strict=True):
+        views = process_image(load_image(data))
+        with torch.inference_mode():
+            alone = tiny_model.encode_images([(views.lowres, views.highres)])[0]
+        assert reply.model_version == version and not reply.blocks[0].cache_hit
+        torch.testing.assert_close(_tensor(reply.blocks[0]), alone, atol=1e-5, rtol=1e-5)
+    assert sum(list(vision.image_batcher.calls)[before:]) == 8  # every request went through the batcher once
 
 
 def test_image_errors_have_codes_and_details(vision_stub, media, version):
