@@ -49,7 +49,8 @@ class RequestBatcher:
 
     async def submit(self, key: Hashable, items: Sequence[Any], run: EncodeFn) -> tuple[list[Any], float]:
         """Encode ``items`` (one result each) with ``run``, merged with other requests of ``key``; returns the
-        results and the seconds of the call they went in."""
+        results and the seconds of the call they went in. A merged call uses the first request's ``run`` for every
+        item, so a key must only group requests whose ``run`` does the same (one model version and dtype)."""
         loop = asyncio.get_running_loop()
         queue = self._queues.setdefault(key, _Queue())
         waiting = _Waiting(list(items), loop.create_future(), run)

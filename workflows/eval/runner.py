@@ -448,7 +448,8 @@ def evaluate(
         unknown = sorted(set(tasks) - set(TASKS))
         if unknown or not tasks:
             raise EvalError(f"tasks {unknown or list(tasks)}: not tasks of the data format (known: {', '.join(TASKS)})")
-        records = [r for r in records if r["task"] in set(tasks)]
+        wanted = set(tasks)
+        records = [r for r in records if r["task"] in wanted]
     records = limit_per_task(records, limit)
     items = synth_items(records, max_video_frames=max_video_frames)
     meta: dict = {
