@@ -234,6 +234,29 @@ def test_bad_parameters_name_the_field() -> None:
         SynthParams(seed=0, size=10, mix={"juggling": 1.0})
     with pytest.raises(SynthError, match="size"):
         SynthParams(seed=0, size=0)
+    with pytest.raises(SynthError, match="qa_turns must be an integer from 1 to 16"):
+        SynthParams(seed=0, size=10, qa_turns=0)
+
+
+def test_image_qa_with_several_turns_asks_about_one_scene(tmp_path: Path) -> None:
+    mix, splits = {"image_qa": 1.0}, {"train": 1.0, "val": 0.0, "test": 0.0}
+    one = SynthParams(seed=4, size=6, mix=mix, splits=splits)
+    five = SynthParams(seed=4, size=6, mix=mix, splits=splits, qa_turns=5)
+    assert "qa_turns" not in one.to_json() and five.to_json()["qa_turns"] == 5
+    synthesize(tmp_path / "one", one, workers=1, progress=False)
+    synthesize(tmp_path / "five", five, workers=1, progress=False)
+    assert _manifest(tmp_path / "five")["generator"]["params"]["qa_turns"] == 5
+    for single, multi in zip(
+        load_split(tmp_path / "one", "train"), load_split(tmp_path / "five", "train"), strict=True
+    ):
+        turns = multi["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and len(turns) >= 6
+        questions = [t["value"] for t in turns[::2]]
+        assert len(set(questions)) == len(questions)  # no question twice
+        assert questions[0].startswith("<image>\n") and not any("<image>" in q for q in questions[1:])
+        assert turns[:2] == single["conversations"]  # the same scene, asked the same first question
+    with pytest.raises(SynthError, match="different dataset"):  # the turns are part of what a dataset is
+        synthesize(tmp_path / "one", five, workers=1, progress=False)
 
 
 def test_missing_espeak_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,6 +295,22 @@ def test_validate_sample_rejects_bad_records() -> None:
         validate_sample({**good, "image": "../outside.png"}, "x")
     with pytest.raises(DataFormatError, match="lowercase"):
         validate_sample({**good, "conversations": [good["conversations"][0], {"from": "gpt", "value": "Two"}]}, "x")
+    # image QA may go on with plain questions about the same image; nothing else may
+    more = [{"from": "human", "value": "What color is the background?"}, {"from": "gpt", "value": "white"}]
+    validate_sample({**good, "conversations": good["conversations"] + more}, "x")
+    with pytest.raises(DataFormatError, match="a later question must be plain text"):
+        validate_sample({**good, "conversations": good["conversations"] * 2}, "x")
+    with pytest.raises(DataFormatError, match=r"conversations\[3\]: an answer must be non-empty lowercase"):
+        validate_sample({**good, "conversations": good["conversations"] + [more[0], {"from": "gpt", "value": ""}]}, "x")
+    with pytest.raises(DataFormatError, match="expected"):
+        validate_sample({**good, "conversations": good["conversations"] + more[:1]}, "x")
+    caption = {**good, "id": "cap-000001", "task": "caption"}
+    caption["conversations"] = [
+        {"from": "human", "value": "<image>\nDescribe the image."},
+        {"from": "gpt", "value": "a"},
+    ]
+    with pytest.raises(DataFormatError, match="caption has one question and one answer, got 4 turns"):
+        validate_sample({**caption, "conversations": caption["conversations"] + more}, "x")
 
 
 def test_cli_synth_prints_a_table_and_reruns_as_a_no_op(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

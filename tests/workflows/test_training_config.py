@@ -106,6 +106,9 @@ def test_defaults_fill_stages_and_lists_are_weight_one() -> None:
         (_with(model__init={"clip": "x"}), r"model.init: unknown key\(s\) \['clip'\]"),
         (_with(stages=[BASE["stages"][0], BASE["stages"][0]]), "stage names must be unique"),
         (_with(stages__0__precision="bf16", stages__0__trainable=["beats"]), "BEATs runs in float32"),
+        (_with(stages__0__part_lr={"whisper": 1e-3}), r"part_lr names 'whisper', which this stage does not train"),
+        (_with(stages__0__part_lr={"mm_projector": 0}), r"part_lr of 'mm_projector' must be a positive number"),
+        (_with(stages__0__part_lr=[1e-3]), "part_lr must map part names to learning rates"),
     ],
 )
 def test_invalid_configs_are_clear_errors(raw: dict, message: str) -> None:

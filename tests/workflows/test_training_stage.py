@@ -121,6 +121,27 @@ def test_zero2_overfits_a_repeated_batch_and_freezes_the_rest(data_root, tmp_pat
     assert again.skipped and not seen_again and again.done == done
 
 
+def test_part_lr_gives_a_part_its_own_rate(data_root, tmp_path) -> None:
+    # the LLM at a rate too small to move it measurably, the projector at a real one
+    config = make_config(
+        data_root, steps=2, lr=1e-30, part_lr={"mm_projector": 1e-2}, schedule="constant", save_every=100
+    )
+    seen, record = _record()
+    result = run_stage(config, "s", tmp_path, callbacks=[record], progress=False)
+    assert [m["lr"] for m in seen] == [pytest.approx(1e-30)] * 2  # the stage's base rate is what is logged
+    from ola_model import OlaConfig, build_model
+
+    start = build_model(OlaConfig.from_name("tiny"), seed=0).part_modules()
+    trained = load_checkpoint(result.model_dir).part_modules()
+
+    def moved(part: str) -> float:
+        pairs = zip(trained[part].parameters(), start[part].parameters(), strict=True)
+        return max(float((a - b).abs().max()) for a, b in pairs)
+
+    assert moved("llm") < 1e-20  # about two steps of 1e-30 (Adam steps are about lr)
+    assert moved("mm_projector") > 1e-3
+
+
 def test_an_interrupted_stage_resumes_exactly(data_root, tmp_path) -> None:
     config = make_config(data_root)
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"

@@ -60,7 +60,11 @@ def format_report(report: SynthReport) -> str:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     params = SynthParams(
-        seed=args.seed, size=args.size, mix=args.tasks or DEFAULT_MIX, splits=args.splits or DEFAULT_SPLITS
+        seed=args.seed,
+        size=args.size,
+        mix=args.tasks or DEFAULT_MIX,
+        splits=args.splits or DEFAULT_SPLITS,
+        qa_turns=args.qa_turns,
     )
     report = synthesize(args.out, params, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
     print(format_report(report))
@@ -99,6 +103,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     default_mix = ",".join(f"{t}={w:g}" for t, w in DEFAULT_MIX.items())
     p.add_argument(
         "--tasks", type=parse_tasks, default=None, help=f"task mix as TASK=WEIGHT,... (default {default_mix})"
+    )
+    p.add_argument(
+        "--qa-turns",
+        type=int,
+        default=1,
+        help="questions per image-QA sample, as turns of one conversation about its scene (default 1)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a complete dataset made with other parameters")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

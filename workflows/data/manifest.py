@@ -88,6 +88,9 @@ def check_relpath(rel: Any, where: str) -> str:
     return rel
 
 
+MULTI_TURN_TASKS = frozenset({"image_qa"})  # tasks whose samples may ask several questions (synth --qa-turns)
+
+
 def validate_sample(sample: Any, where: str) -> None:
     """Check one record against the format: keys for its task, the human turn's placeholders, a short answer.
 
@@ -115,11 +118,22 @@ def validate_sample(sample: Any, where: str) -> None:
     turns = sample["conversations"]
     if (
         not isinstance(turns, list)
-        or len(turns) != 2
-        or [t.get("from") if isinstance(t, dict) else None for t in turns] != ["human", "gpt"]
+        or len(turns) < 2
+        or len(turns) % 2
+        or [t.get("from") if isinstance(t, dict) else None for t in turns] != ["human", "gpt"] * (len(turns) // 2)
         or not all(isinstance(t.get("value"), str) for t in turns)
     ):
-        raise DataFormatError(f"{where}.conversations: expected [{{from: human, value}}, {{from: gpt, value}}]")
+        raise DataFormatError(
+            f"{where}.conversations: expected [{{from: human, value}}, {{from: gpt, value}}] (image_qa: more pairs)"
+        )
+    if len(turns) > 2 and task not in MULTI_TURN_TASKS:
+        raise DataFormatError(f"{where}.conversations: {task} has one question and one answer, got {len(turns)} turns")
+    for i, turn in enumerate(turns[2:], start=2):
+        text = turn["value"]
+        if turn["from"] == "human" and (not text.strip() or IMAGE_PLACEHOLDER in text or SPEECH_PLACEHOLDER in text):
+            raise DataFormatError(f"{where}.conversations[{i}]: a later question must be plain text, got {text!r}")
+        if turn["from"] == "gpt" and (not text.strip() or text != text.lower()):
+            raise DataFormatError(f"{where}.conversations[{i}]: an answer must be non-empty lowercase, got {text!r}")
     human, answer = turns[0]["value"], turns[1]["value"]
     head = TASK_HEADS[task]
     if task == "spoken_image_qa":

@@ -38,7 +38,7 @@ from workflows.data.manifest import (
     write_atomic,
 )
 from workflows.data.speech import espeak_version
-from workflows.data.tasks import SampleJob, SampleResult, build_sample
+from workflows.data.tasks import MAX_QA_TURNS, SampleJob, SampleResult, build_sample
 from workflows.data.world import DEFAULT_MIX, DEFAULT_SPLITS, SPEECH_TASKS, SPLITS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -56,12 +56,14 @@ class SynthParams:
         size: number of samples over all splits.
         mix: task -> weight (normalised here; tasks left out get none).
         splits: split -> fraction, for train, val and test, adding up to 1.
+        qa_turns: questions per image-QA sample (a multi-turn conversation about one scene; 1 = a single question).
     """
 
     seed: int
     size: int
     mix: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     splits: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SPLITS))
+    qa_turns: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -73,6 +75,12 @@ class SynthParams:
             raise SynthError(f"unknown tasks in the mix: {unknown}; expected some of {list(TASKS)}")
         if any(not math.isfinite(w) or w < 0 for w in self.mix.values()) or sum(self.mix.values()) <= 0:
             raise SynthError(f"task weights must be finite, >= 0 and not all 0, got {dict(self.mix)}")
+        if (
+            isinstance(self.qa_turns, bool)
+            or not isinstance(self.qa_turns, int)
+            or not 1 <= self.qa_turns <= MAX_QA_TURNS
+        ):
+            raise SynthError(f"qa_turns must be an integer from 1 to {MAX_QA_TURNS}, got {self.qa_turns!r}")
         if set(self.splits) != set(SPLITS):
             raise SynthError(f"splits must give a fraction for each of {list(SPLITS)}, got {dict(self.splits)}")
         if any(not math.isfinite(f) or f < 0 for f in self.splits.values()):
@@ -88,10 +96,13 @@ class SynthParams:
 
     def to_json(self) -> dict:
         """The manifest's ``generator.params`` (seed and size live at the manifest's top level)."""
-        return {
+        params = {
             "tasks": {t: round(w, 6) for t, w in self.mix.items()},
             "splits": {s: round(f, 6) for s, f in self.splits.items()},
         }
+        if self.qa_turns != 1:  # left out at 1, so datasets made before the option keep their identity
+            params["qa_turns"] = self.qa_turns
+        return params
 
 
 @dataclass(frozen=True)
@@ -263,7 +274,7 @@ def synthesize(
     workers = max(1, workers or len(os.sched_getaffinity(0)))
     planned = plan(params)
     width = max(6, len(str(params.size - 1)))
-    jobs = [SampleJob(p.index, p.task, params.seed, str(out), width) for p in planned]
+    jobs = [SampleJob(p.index, p.task, params.seed, str(out), width, params.qa_turns) for p in planned]
     logger.info("generating %d samples into %s with %d workers", len(jobs), out, workers)
     samples: dict[int, dict] = {}
     files: dict[str, str] = {}

@@ -49,6 +49,7 @@ MEDIA_DIRS: dict[str, str] = {
     "audio_q": "media/speech",
     "video": "media/video",
 }
+MAX_QA_TURNS = 16  # questions one image-QA sample may carry
 NARRATION_LEAD = 0.1  # seconds of silence before a narration (the clip has its own too)
 
 
@@ -61,6 +62,7 @@ class SampleJob:
     seed: int
     root: str  # the dataset directory
     id_width: int = 6
+    qa_turns: int = 1  # questions per image-QA sample
 
 
 @dataclass
@@ -115,11 +117,21 @@ def _turns(human: str, answer: str) -> list[dict[str, str]]:
     return [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
 
 
-def _image_qa(rng: np.random.Generator, media: _Media) -> dict:
+def _image_qa(rng: np.random.Generator, media: _Media, turns: int = 1) -> dict:
+    """One scene and ``turns`` different questions about it (LLaVA-style turns; the image goes with the first)."""
     scene = sample_scene(rng)
-    question, answer = scene_question(scene, rng)
+    pairs = [scene_question(scene, rng)]
+    for _ in range(4 * (turns - 1)):  # a few draws per further turn: repeats of a question are skipped
+        if len(pairs) == turns:
+            break
+        question, answer = scene_question(scene, rng)
+        if all(question != q for q, _ in pairs):
+            pairs.append((question, answer))
     image = media.image(render_scene(scene, rng))
-    return {"conversations": _turns(user_content(question, num_images=1), answer), "image": image}
+    conversation = []
+    for i, (question, answer) in enumerate(pairs):
+        conversation += _turns(user_content(question, num_images=1) if i == 0 else question, answer)
+    return {"conversations": conversation, "image": image}
 
 
 def _caption(rng: np.random.Generator, media: _Media) -> dict:
@@ -232,7 +244,8 @@ def build_sample(job: SampleJob) -> SampleResult:
     sid = sample_id(job.task, job.index, job.id_width)
     media = _Media(Path(job.root), job.index, job.id_width)
     try:
-        body = BUILDERS[job.task](sample_rng(job.seed, job.index), media)
+        rng = sample_rng(job.seed, job.index)
+        body = _image_qa(rng, media, job.qa_turns) if job.task == "image_qa" else BUILDERS[job.task](rng, media)
     except SynthError as exc:
         raise SynthError(f"sample {sid} ({job.task}): {exc}") from None
     except Exception as exc:

@@ -165,6 +165,9 @@ class StageConfig:
     steps: int | None = None  # optimizer steps; exactly one of steps / epochs
     epochs: float | None = None
     lr: float = 1e-5
+    # part -> learning rate of its own (Ola's mm_vision_tower_lr / mm_projector_lr / speech_projector_lr family);
+    # the parts left out take lr. The schedule scales every rate alike.
+    part_lr: dict[str, float] = field(default_factory=dict)
     warmup_ratio: float = 0.05  # warmup steps = ceil(ratio * total steps), linear from 0
     schedule: Schedule = "cosine"  # cosine decay to min_lr_ratio * lr after warmup, or constant
     min_lr_ratio: float = 0.0
@@ -214,6 +217,16 @@ class StageConfig:
             raise ConfigError(f"{where}: epochs must be positive, got {self.epochs}")
         if not self.lr > 0:
             raise ConfigError(f"{where}: lr must be positive, got {self.lr}")
+        if not isinstance(self.part_lr, dict):
+            raise ConfigError(f"{where}: part_lr must map part names to learning rates, got {self.part_lr!r}")
+        for part, rate in self.part_lr.items():
+            if part not in self.trainable:
+                trains = list(self.trainable)
+                raise ConfigError(
+                    f"{where}: part_lr names {part!r}, which this stage does not train; trainable: {trains}"
+                )
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate > 0 and math.isfinite(rate)):
+                raise ConfigError(f"{where}: part_lr of {part!r} must be a positive number, got {rate!r}")
         _check_range(where, "warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
         _check_range(where, "min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _check_range(where, "weight_decay", self.weight_decay, 0.0, 1.0)

@@ -318,7 +318,7 @@ def train_stage(job: StageJob) -> dict[str, Any] | None:
     module = StageModule(model, stage.trainable, stage.max_length)
     engine, *_ = deepspeed.initialize(
         model=module,
-        model_parameters=parameter_groups(model, stage.weight_decay),
+        model_parameters=parameter_groups(model, stage.weight_decay, stage.part_lr),
         config=deepspeed_config(stage, world, precision, job.use_gpu),
         lr_scheduler=partial(
             _scheduler, total=n_steps, warmup=warmup, schedule=stage.schedule, min_ratio=stage.min_lr_ratio
@@ -358,7 +358,8 @@ def train_stage(job: StageJob) -> dict[str, Any] | None:
     for step in range(start_step + 1, stop + 1):
         t0 = time.perf_counter()
         loss_sum, tokens = 0.0, 0
-        lr = engine.get_lr()[0]
+        # the stage's base rate (parts with a part_lr of their own follow the same schedule)
+        lr = stage.lr * engine.lr_scheduler.get_last_lr()[0] / engine.lr_scheduler.base_lrs[0]
         for _ in range(stage.grad_accum):
             loss, _, positions = engine(next(data))
             engine.backward(loss)

@@ -9,7 +9,7 @@ so they build no autograd graph. A frozen LLM still builds a graph: gradients fl
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -135,10 +135,24 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer groups over the trainable parameters: weight decay on >= 2-D weights, none on biases and vectors."""
-    decay, no_decay = [], []
+def parameter_groups(model: nn.Module, weight_decay: float, part_lr: Mapping[str, float] | None = None) -> list[dict]:
+    """Optimizer groups over the trainable parameters: weight decay on >= 2-D weights, none on biases and vectors.
+
+    ``part_lr`` gives some parts a learning rate of their own (Ola's ``mm_projector_lr`` / ``mm_vision_tower_lr``
+    family): their parameters go in groups that carry an ``lr``; every other group takes the optimizer's. The
+    schedule scales each group's own rate.
+    """
+    part_lr = dict(part_lr or {})
+    owner = {id(p): name for name, module in model.part_modules().items() for p in module.parameters()}
+    groups: dict[tuple[float | None, bool], dict] = {}
     for _, p in trainable_parameters(model):
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        rate = part_lr.get(owner.get(id(p), ""))
+        decays = p.dim() >= 2
+        group = groups.get((rate, decays))
+        if group is None:
+            group = {"params": [], "weight_decay": weight_decay if decays else 0.0}
+            if rate is not None:
+                group["lr"] = rate
+            groups[(rate, decays)] = group
+        group["params"].append(p)
+    return list(groups.values())
