@@ -102,3 +102,18 @@ def test_serving_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0 < answer["sentence_wise_ms"] and 0 < answer["whole_answer_ms"] <= answer["whole_waveform_ms"]
     assert [r["vision_replicas"] for r in result["vision_replicas"]] == [1, 2]
     assert all(r["chats_per_s"] > 0 for r in result["vision_replicas"])
+
+
+def test_scene_qa_probe_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = _bench("scene_qa_probe", monkeypatch)
+    runs = {"cells": ["--steps", "150", "--test", "150"], "encoder": ["--steps", "4", "--test", "150"]}
+    results = {}
+    for arm, extra in runs.items():
+        out = tmp_path / f"{arm}.json"
+        assert probe.main(["--arms", arm, "--batch", "8", *extra, "--json", str(out)]) == 0
+        (results[arm],) = json.loads(out.read_text())["results"]
+    for arm, r in results.items():
+        assert r["arm"] == arm and 0.0 <= r["all"] <= 1.0 and r["train_s"] > 0
+        assert set(probe.KINDS) <= set(r)  # 150 test questions cover every kind
+    # the background colour is in every cell token: 150 steps learn it
+    assert results["cells"]["background"] > 0.9
