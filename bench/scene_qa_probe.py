@@ -180,7 +180,7 @@ def run_arm(arm: str, args: argparse.Namespace, encode) -> dict[str, Any]:
             for row, col, answer, kind in targets:
                 correct[kind].append(int(logits[row, col].argmax()) == answer)
     every = [c for v in correct.values() for c in v]
-    result = {"arm": arm, "all": sum(every) / len(every), "final_loss": float(loss), "data_s": data_s}
+    result = {"arm": arm, "all": sum(every) / len(every), "final_loss": loss.item(), "data_s": data_s}
     result.update({kind: sum(correct[kind]) / len(correct[kind]) for kind in KINDS if correct[kind]})
     result["train_s"] = train_s
     return result
