@@ -86,6 +86,9 @@ def test_defaults_fill_stages_and_lists_are_weight_one() -> None:
     assert stage.name == "1" and stage.trainable == ("llm",)
     assert stage.data == {"caption": 1.0, "asr": 1.0}
     assert (stage.epochs, stage.steps, stage.lr) == (2.0, None, 1e-4)  # epochs in the stage replaces default steps
+    assert "part_lr" not in stage.to_dict()  # unset: as before the key existed (resume fingerprints stay equal)
+    with_rate = config_from_dict(_with(stages__0__part_lr={"mm_projector": 1e-3})).stages[0]
+    assert with_rate.to_dict()["part_lr"] == {"mm_projector": 1e-3}
     assert config.data_root(stage) == Path("data")
 
 

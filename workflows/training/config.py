@@ -252,6 +252,8 @@ class StageConfig:
         data = dataclasses.asdict(self)
         data["trainable"] = list(self.trainable)
         data["adam_betas"] = list(self.adam_betas)
+        if not self.part_lr:  # left out when unset, so runs interrupted before the key existed still resume
+            del data["part_lr"]
         return data
 
 
