@@ -135,7 +135,7 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, part_lr: Mapping[str, float] | None = None) -> list[dict]:
+def parameter_groups(model: OlaModel, weight_decay: float, part_lr: Mapping[str, float] | None = None) -> list[dict]:
     """Optimizer groups over the trainable parameters: weight decay on >= 2-D weights, none on biases and vectors.
 
     ``part_lr`` gives some parts a learning rate of their own (Ola's ``mm_projector_lr`` / ``mm_vision_tower_lr``
