@@ -80,8 +80,11 @@ def cell_tokens(scene: sc.Scene, rng: np.random.Generator, vocab: Vocab) -> list
     return cells
 
 
-def make_encoder(checkpoint: Path | None) -> Callable[[sc.Scene, np.random.Generator], torch.Tensor]:
-    """The ``encoder`` arm's picture: a frozen model's image block (positions, LLM width)."""
+def make_encoder(
+    checkpoint: Path | None, tokens: str = "block"
+) -> Callable[[sc.Scene, np.random.Generator], torch.Tensor]:
+    """The ``encoder`` arm's picture: a frozen model's image block (positions, LLM width), or with ``tokens`` =
+    "highres" only the pooled tokens of its high-res view (no low-res view, row newlines or begin / sep / end)."""
     from ola_model.checkpoint.ola_format import load_checkpoint
     from ola_model.config import OlaConfig
     from ola_model.model import build_model
@@ -97,7 +100,13 @@ def make_encoder(checkpoint: Path | None) -> Callable[[sc.Scene, np.random.Gener
     def encode(scene: sc.Scene, rng: np.random.Generator) -> torch.Tensor:
         views = process_image(sc.render_scene(scene, rng), lowres_area=LOWRES_AREA)
         with torch.no_grad():
-            return model.encode_images([(views.lowres, views.highres)])[0]
+            if tokens == "block":
+                return model.encode_images([(views.lowres, views.highres)])[0]
+            p = model.vision_tower.patch_size
+            h, w = views.highres.shape[-2] // p, views.highres.shape[-1] // p
+            features = model.vision_tower([views.highres])[0]
+            rows = model.mm_projector(features[None], h, w)[0].reshape(h // 2, w // 2 + 1, -1)
+            return rows[:, :-1].reshape(-1, rows.shape[-1])  # the newline closes each row
 
     return encode
 
@@ -197,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--checkpoint", type=Path, help="encoder arm: a model whose ViT + projector to use (default: random)"
     )
+    p.add_argument(
+        "--encoder-tokens",
+        choices=("block", "highres"),
+        default="block",
+        help="encoder arm: the whole image block, or only the high-res view's pooled tokens (default block)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results as JSON here")
@@ -206,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not arms:
         p.error(f"--arms: unknown arm(s) {unknown}; choose from cells, encoder")
     torch.set_num_threads(args.threads)
-    encode = make_encoder(args.checkpoint) if "encoder" in arms else None
+    encode = make_encoder(args.checkpoint, args.encoder_tokens) if "encoder" in arms else None
     results = [run_arm(arm, args, encode) for arm in arms]
     columns = [("arm", "arm"), ("all", "all"), *[(k, k) for k in KINDS], ("final_loss", "loss"), ("train_s", "s")]
     print(format_table(results, columns))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,14 +107,24 @@ def test_serving_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_scene_qa_probe_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probe = _bench("scene_qa_probe", monkeypatch)
-    runs = {"cells": ["--steps", "150", "--test", "150"], "encoder": ["--steps", "4", "--test", "150"]}
+    runs = {
+        "cells": ["--arms", "cells", "--steps", "150"],
+        "encoder": ["--arms", "encoder", "--steps", "4"],
+        "highres": ["--arms", "encoder", "--steps", "4", "--encoder-tokens", "highres"],
+    }
     results = {}
-    for arm, extra in runs.items():
-        out = tmp_path / f"{arm}.json"
-        assert probe.main(["--arms", arm, "--batch", "8", *extra, "--json", str(out)]) == 0
-        (results[arm],) = json.loads(out.read_text())["results"]
-    for arm, r in results.items():
-        assert r["arm"] == arm and 0.0 <= r["all"] <= 1.0 and r["train_s"] > 0
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.json"
+        assert probe.main([*extra, "--batch", "8", "--test", "150", "--json", str(out)]) == 0
+        (results[name],) = json.loads(out.read_text())["results"]
+    for r in results.values():
+        assert 0.0 <= r["all"] <= 1.0 and r["train_s"] > 0
         assert set(probe.KINDS) <= set(r)  # 150 test questions cover every kind
     # the background colour is in every cell token: 150 steps learn it
     assert results["cells"]["background"] > 0.9
+    # a 160 x 160 picture: 5 x 5 pooled tokens per view; the block adds row newlines, the low-res view, begin/sep/end
+    rng = np.random.default_rng(0)
+    scene = probe.sc.sample_scene(rng)
+    scene = probe.sc.Scene(160, 160, scene.background, scene.groups)
+    assert probe.make_encoder(None, "highres")(scene, np.random.default_rng(1)).shape == (25, 128)
+    assert probe.make_encoder(None, "block")(scene, np.random.default_rng(1)).shape == (3 + 2 * 5 * 6, 128)
