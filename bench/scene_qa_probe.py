@@ -120,14 +120,8 @@ def make_sample(arm: str, rng: np.random.Generator, vocab: Vocab, turns: int, en
     scene = sc.Scene(width, height, scene.background, scene.groups)
     picture: list[Any] = cell_tokens(scene, rng, vocab) if arm == "cells" else list(encode(scene, rng))
     tokens: list[Any] = [(vocab("<img>"),), *picture, (vocab("</img>"),)]
-    answers, asked = [], set()
-    for _ in range(4 * turns):
-        if len(answers) == turns:
-            break
-        question, answer = sc.scene_question(scene, rng)
-        if question in asked:
-            continue
-        asked.add(question)
+    answers = []
+    for question, answer in sc.scene_questions(scene, rng, turns):
         words = question.lower().replace("?", " ?").split()
         tokens += [(vocab("<q>"),), *[(vocab(w),) for w in words], (vocab("<a>"),)]
         answers.append((len(tokens) - 1, vocab(answer), question_kind(question)))
@@ -135,8 +129,8 @@ def make_sample(arm: str, rng: np.random.Generator, vocab: Vocab, turns: int, en
     return tokens, answers
 
 
-def embed(model: Qwen2ForCausalLM, batch: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
-    """Left-padded inputs_embeds (B, L, C), the attention mask and the supervised (row, column, answer, kind)."""
+def forward(model: Qwen2ForCausalLM, batch: list[Sample]) -> tuple[torch.Tensor, list[tuple]]:
+    """The logits (B, L, V) of a left-padded batch, and its supervised (row, column, answer, kind)."""
     table = model.get_input_embeddings()
     width = table.weight.shape[1]
     L = max(len(tokens) for tokens, _ in batch)
@@ -149,7 +143,8 @@ def embed(model: Qwen2ForCausalLM, batch: list[Sample]) -> tuple[torch.Tensor, t
         rows.append(torch.cat([torch.zeros(pad, width), torch.stack(vectors)]))
         mask[i, pad:] = 1
         targets += [(i, pad + p, a, k) for p, a, k in answers]
-    return torch.stack(rows), mask, targets
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return model(inputs_embeds=torch.stack(rows), attention_mask=mask, position_ids=positions).logits, targets
 
 
 def run_arm(arm: str, args: argparse.Namespace, encode) -> dict[str, Any]:
@@ -170,9 +165,7 @@ def run_arm(arm: str, args: argparse.Namespace, encode) -> dict[str, Any]:
         factor = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in optimiser.param_groups:
             group["lr"] = args.lr * factor
-        embeds, mask, targets = embed(model, train[step * args.batch : (step + 1) * args.batch])
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        logits, targets = forward(model, train[step * args.batch : (step + 1) * args.batch])
         rows, cols, answers, _ = zip(*targets, strict=True)
         loss = torch.nn.functional.cross_entropy(logits[list(rows), list(cols)], torch.tensor(answers))
         optimiser.zero_grad()
@@ -183,9 +176,7 @@ def run_arm(arm: str, args: argparse.Namespace, encode) -> dict[str, Any]:
     correct: dict[str, list[bool]] = collections.defaultdict(list)
     with torch.no_grad():
         for i in range(0, len(test), 100):
-            embeds, mask, targets = embed(model, test[i : i + 100])
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+            logits, targets = forward(model, test[i : i + 100])
             for row, col, answer, kind in targets:
                 correct[kind].append(int(logits[row, col].argmax()) == answer)
     every = [c for v in correct.values() for c in v]

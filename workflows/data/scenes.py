@@ -193,6 +193,19 @@ def scene_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return "How many shapes are there?", number_word(scene.total)
 
 
+def scene_questions(scene: Scene, rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
+    """Up to ``count`` different questions about ``scene`` with their answers (the first is
+    :func:`scene_question`'s; a repeat is drawn again, a few times per further question)."""
+    pairs = [scene_question(scene, rng)]
+    for _ in range(4 * (count - 1)):
+        if len(pairs) == count:
+            break
+        question, answer = scene_question(scene, rng)
+        if all(question != q for q, _ in pairs):
+            pairs.append((question, answer))
+    return pairs
+
+
 # --- OCR: one short word rendered with Pillow's built-in scalable font ---------------------------------------------
 OCR_SIZES: tuple[tuple[int, int], ...] = ((224, 224), (256, 128), (320, 160), (320, 240), (384, 192), (448, 224))
 OCR_BACKGROUNDS: dict[str, RGB] = {"white": (250, 250, 250), "cream": (245, 235, 205), "light": (215, 225, 235)}

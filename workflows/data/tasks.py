@@ -17,6 +17,7 @@ from PIL import Image
 
 from ola_model.prompt import ASR_PROMPT, user_content
 from workflows.data.errors import SynthError
+from workflows.data.manifest import MULTI_TURN_TASKS
 from workflows.data.scenes import (
     CAPTION_PROMPTS,
     OCR_PROMPTS,
@@ -26,6 +27,7 @@ from workflows.data.scenes import (
     sample_scene,
     sample_word,
     scene_question,
+    scene_questions,
 )
 from workflows.data.sounds import render_sounds, sample_sound_spec, sound_question
 from workflows.data.speech import SAMPLE_RATE, asr_sentence, speech_clip, write_wav
@@ -120,13 +122,7 @@ def _turns(human: str, answer: str) -> list[dict[str, str]]:
 def _image_qa(rng: np.random.Generator, media: _Media, turns: int = 1) -> dict:
     """One scene and ``turns`` different questions about it (LLaVA-style turns; the image goes with the first)."""
     scene = sample_scene(rng)
-    pairs = [scene_question(scene, rng)]
-    for _ in range(4 * (turns - 1)):  # a few draws per further turn: repeats of a question are skipped
-        if len(pairs) == turns:
-            break
-        question, answer = scene_question(scene, rng)
-        if all(question != q for q, _ in pairs):
-            pairs.append((question, answer))
+    pairs = scene_questions(scene, rng, turns)
     image = media.image(render_scene(scene, rng))
     conversation = []
     for i, (question, answer) in enumerate(pairs):
@@ -244,8 +240,8 @@ def build_sample(job: SampleJob) -> SampleResult:
     sid = sample_id(job.task, job.index, job.id_width)
     media = _Media(Path(job.root), job.index, job.id_width)
     try:
-        rng = sample_rng(job.seed, job.index)
-        body = _image_qa(rng, media, job.qa_turns) if job.task == "image_qa" else BUILDERS[job.task](rng, media)
+        options = {"turns": job.qa_turns} if job.task in MULTI_TURN_TASKS else {}
+        body = BUILDERS[job.task](sample_rng(job.seed, job.index), media, **options)
     except SynthError as exc:
         raise SynthError(f"sample {sid} ({job.task}): {exc}") from None
     except Exception as exc:
