@@ -128,3 +128,29 @@ def test_scene_qa_probe_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     scene = probe.sc.Scene(160, 160, scene.background, scene.groups)
     assert probe.make_encoder(None, "highres")(scene, np.random.default_rng(1)).shape == (25, 128)
     assert probe.make_encoder(None, "block")(scene, np.random.default_rng(1)).shape == (3 + 2 * 5 * 6, 128)
+
+
+def test_vision_token_probe_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = _bench("vision_token_probe", monkeypatch)
+    out = tmp_path / "readout.json"
+    assert probe.main(["readout", "--images", "160", "--json", str(out)]) == 0
+    rows = {r["tokens"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"pixels of the token", "random initialisation", "demo model"}
+    # a lone shape's colour is plain in its own pixels: 40 held-out pictures, 7 colours
+    assert rows["pixels of the token"]["colour_linear"] > 0.6
+    for r in rows.values():
+        assert all(0.0 <= r[k] <= 1.0 for k in ("kind_linear", "kind_mlp", "colour_linear"))
+
+    out = tmp_path / "supervise.json"
+    assert (
+        probe.main(["supervise", "--steps", "6", "--every", "3", "--batch", "2", "--test", "6", "--json", str(out)])
+        == 0
+    )
+    rows = json.loads(out.read_text())["results"]
+    assert [r["step"] for r in rows] == [3, 6]
+    assert rows[0]["object_tokens"] > 0 and all(0.0 <= r["kind"] <= 1.0 for r in rows)
+    # the labels: one object token per shape whose centre is in a distinct token, the group's kind and colour
+    view, labels = probe.labelled_scene(np.random.default_rng(3), scale=1.0)
+    assert labels.shape == (view.shape[-2] // 32 * (view.shape[-1] // 32), 4)
+    objects = labels[labels[:, 3] == 1]
+    assert len(objects) > 0 and (objects[:, 0] >= 0).all() and (labels[labels[:, 3] == 0][:, 0] == -1).all()

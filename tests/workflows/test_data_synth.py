@@ -17,10 +17,10 @@ from ola_model.processing.video import load_video
 from workflows.data import DataFormatError, SynthError, SynthParams, load_split, synthesize, verify
 from workflows.data.cli import register
 from workflows.data.manifest import MANIFEST, TASK_HEADS, validate_sample
-from workflows.data.scenes import render_word
+from workflows.data.scenes import layout_scene, render_scene, render_word, sample_scene
 from workflows.data.synth import allocate, plan
 from workflows.data.tasks import BUILDERS
-from workflows.data.world import DEFAULT_MIX, SPEECH_TASKS, SPLITS, TASKS
+from workflows.data.world import COLOURS, DEFAULT_MIX, SPEECH_TASKS, SPLITS, TASKS
 
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
 needs_espeak = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed (apt-get install -y espeak-ng)")
@@ -264,6 +264,18 @@ def test_missing_espeak_names_the_package(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(SynthError, match="apt-get install -y espeak-ng"):
         synthesize(tmp_path / "f", SynthParams(seed=0, size=4, mix={"asr": 1.0}), workers=1, progress=False)
     assert not (tmp_path / "f").exists()  # nothing written
+
+
+def test_layout_scene_draws_render_scene_and_says_where() -> None:
+    for seed in range(20):
+        scene = sample_scene(np.random.default_rng(seed))
+        img, placed = layout_scene(scene, np.random.default_rng(100 + seed))
+        assert img.tobytes() == render_scene(scene, np.random.default_rng(100 + seed)).tobytes()
+        assert [s.group for s in placed] == [g for g in scene.groups for _ in range(g.count)]
+        for shape in placed:
+            assert shape.r <= shape.cx <= scene.width - shape.r and shape.r <= shape.cy <= scene.height - shape.r
+            if shape.group.kind != "ring":  # a ring's centre is the background
+                assert img.getpixel((round(shape.cx), round(shape.cy))) == COLOURS[shape.group.colour]
 
 
 def test_ocr_images_differ_with_the_word() -> None:

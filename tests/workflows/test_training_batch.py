@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ola_model import build_model
+from ola_model.config import OlaConfig
 from ola_model.prompt import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
@@ -18,6 +19,7 @@ from ola_model.prompt import (
     tokenize_prompt,
     user_content,
 )
+from workflows.data import DataFormatError, load_split
 from workflows.training.batch import (
     DataError,
     LengthGroupedBatches,
@@ -25,7 +27,6 @@ from workflows.training.batch import (
     build_inputs,
     collate,
     lm_loss,
-    load_split,
     mix_samples,
     move_placeholders_to_front,
     parse_sample,
@@ -185,7 +186,7 @@ def test_length_grouped_batches_are_deterministic_disjoint_and_resumable() -> No
 
 
 def test_mix_weights_subsample_and_repeat(data_root) -> None:
-    samples = load_split(data_root)
+    samples = load_split(data_root, "train")
     mixed = mix_samples(samples, {"image_qa": 0.5, "asr": 2.0, "ocr": 1.0}, seed=0)
     tasks = [s["task"] for s in mixed]
     assert (tasks.count("image_qa"), tasks.count("asr"), tasks.count("ocr")) == (1, 4, 1)
@@ -204,5 +205,5 @@ def test_malformed_samples_are_clear_errors(data_root, tmp_path) -> None:
     for raw, message in cases:
         with pytest.raises(DataError, match=message):
             parse_sample(raw, data_root)
-    with pytest.raises(DataError, match=r"no manifest\.json"):
-        load_split(tmp_path)
+    with pytest.raises(DataFormatError, match=r"no manifest\.json; the dataset is missing or incomplete"):
+        StageDataset(tmp_path, {"image_qa": 1.0}, None, OlaConfig.from_name("tiny"))

@@ -132,10 +132,21 @@ def grid_cells(x0: float, y0: float, x1: float, y1: float, cells: int = 6) -> li
     return [(x0 + (c + 0.5) * cw, y0 + (r + 0.5) * ch, side) for r in range(rows) for c in range(cols)]
 
 
-def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
-    """Draw ``scene``: each group's shapes in random cells of its region's grid, with a little jitter."""
+@dataclass(frozen=True)
+class PlacedShape:
+    """Where :func:`layout_scene` drew one shape of ``group``: centre (``cx``, ``cy``) and radius ``r``, in pixels."""
+
+    group: ShapeGroup
+    cx: float
+    cy: float
+    r: float
+
+
+def layout_scene(scene: Scene, rng: np.random.Generator) -> tuple[Image.Image, list[PlacedShape]]:
+    """Draw ``scene`` (as :func:`render_scene`, with the same draws of ``rng``) and say where each shape went."""
     img = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
+    placed = []
     for group in scene.groups:
         fx0, fy0, fx1, fy1 = REGIONS[group.position]
         cells = grid_cells(fx0 * scene.width, fy0 * scene.height, fx1 * scene.width, fy1 * scene.height)
@@ -146,7 +157,13 @@ def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
             slack = max(0.0, side / 2 - r - 1)
             jx, jy = rng.uniform(-slack, slack, size=2) * 0.8
             draw_shape(draw, group.kind, cx + jx, cy + jy, r, COLOURS[group.colour])
-    return img
+            placed.append(PlacedShape(group, cx + jx, cy + jy, r))
+    return img, placed
+
+
+def render_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """Draw ``scene``: each group's shapes in random cells of its region's grid, with a little jitter."""
+    return layout_scene(scene, rng)[0]
 
 
 CAPTION_PROMPTS = ("Describe the image.", "Give a short caption of the image.", "What does the image show?")

@@ -13,7 +13,6 @@ inputs with labels, and the loss.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -43,10 +42,10 @@ from ola_model.prompt import (
 )
 from ola_model.tokenizer import IM_END, IM_START
 from ola_model.tokens import audio_num_tokens, image_num_tokens, video_num_tokens
+from workflows.data.dataset import load_split
 
 log = logging.getLogger(__name__)
 
-DATA_FORMAT = "ola-synth/1"
 ROLES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 
 
@@ -135,35 +134,6 @@ class SampleSpec:
     video: Path | None = None
     audio: Path | None = None  # an audio file (``audio`` or ``audio_q``)
     video_audio: bool = False  # the speech placeholder takes the video's own audio track
-
-
-def load_split(root: str | Path, split: str = "train") -> list[dict]:
-    """The samples of one split of a dataset directory.
-
-    Raises:
-        DataError: no manifest (an incomplete dataset), an unknown format or split, or unreadable JSON.
-    """
-    root = Path(root)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise DataError(f"{root} has no manifest.json: not a dataset directory, or an incomplete one")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{manifest_path} is not valid JSON: {exc}") from exc
-    if manifest.get("format") != DATA_FORMAT:
-        raise DataError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {DATA_FORMAT!r}")
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise DataError(f"{manifest_path}: no split {split!r}; splits: {sorted(splits)}")
-    path = root / splits[split]
-    try:
-        samples = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read split {split!r} from {path}: {exc}") from exc
-    if not isinstance(samples, list):
-        raise DataError(f"{path}: expected a JSON list of samples")
-    return samples
 
 
 def mix_samples(samples: Sequence[dict], mix: dict[str, float], seed: int = 0) -> list[dict]:
@@ -297,7 +267,7 @@ class StageDataset(Dataset):
         if max_video_frames > lim.max_video_frames:
             raise DataError(f"max_video_frames {max_video_frames} exceeds the model limit {lim.max_video_frames}")
         self.max_video_frames = max_video_frames
-        raw = mix_samples(load_split(self.root, split), mix, seed)
+        raw = mix_samples(load_split(self.root, split), mix, seed)  # validated, media paths absolute
         self.specs: list[SampleSpec] = []
         self.tokens: list[tuple[list[int], list[int]]] = []
         self.lengths: list[int] = []

@@ -129,7 +129,7 @@ def write_smoke_dataset(root: str | Path, seed: int = 0) -> Path:
     manifest = {
         "format": "ola-synth/1",
         "seed": seed,
-        "size": len(samples),
+        "size": sum(sum(c.values()) for c in counts.values()),  # val and test reuse train samples
         "splits": {name: f"{name}.json" for name in splits},
         "counts": counts,
         "files": files,
