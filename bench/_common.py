@@ -83,6 +83,13 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_results(args: Any, results: Any) -> None:
+    """Write ``{"args", "results", "machine"}`` to ``args.json`` when it is set (the parsed arguments as strings)."""
+    if args.json is not None:
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "machine": machine_info()}
+        write_json(args.json, payload)
+
+
 def run_and_report(
     args: Any, run: Callable[[Any], dict[str, Any]], report: Callable[[dict[str, Any]], str]
 ) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from bench._common import format_table, machine_info, write_json
+from bench._common import format_table, write_results
 from workflows.data import scenes as sc
 
 GRID = 8
@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_arm(arm, args, encode) for arm in arms]
     columns = [("arm", "arm"), ("all", "all"), *[(k, k) for k in KINDS], ("final_loss", "loss"), ("train_s", "s")]
     print(format_table(results, columns))
-    if args.json:
-        write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
-                               "machine": machine_info()})  # fmt: skip
+    write_results(args, results)
     return 0
 
 

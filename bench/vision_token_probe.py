@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from bench._common import format_table, machine_info, write_json
+from bench._common import format_table, write_results
 from ola_model.processing.image import image_to_tensor, process_image
 from workflows.data import scenes as sc
 from workflows.data.world import BACKGROUNDS, COLOURS, SHAPES
@@ -214,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--scale must be > 0, --steps >= 1, --images >= 8")
     torch.set_num_threads(args.threads)
     rows = readout(args) if args.mode == "readout" else supervise(args)
-    if args.json:
-        write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "results": rows,
-                               "machine": machine_info()})  # fmt: skip
+    write_results(args, rows)
     return 0
 
 

@@ -39,6 +39,7 @@ from services.cache import CacheConfig
 from services.media import MediaConfig, S3Config
 from services.registry import RegistryConfig
 from services.tts.registry import TTSConfig
+from workflows.config_errors import format_errors
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 LOCAL_CONFIG = CONFIG_DIR / "local.yaml"
@@ -357,7 +358,7 @@ class PlatformConfig(_Strict):
         try:
             return cls.model_validate(dict(data or {}))
         except ValidationError as exc:
-            raise ConfigError(format_errors(exc, source)) from None
+            raise ConfigError(format_errors(exc, source, "config", "services/serve_config.py")) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PlatformConfig:
@@ -404,18 +405,6 @@ class PlatformConfig(_Strict):
 
     def service(self, name: ServiceName) -> DeploymentSpec:
         return getattr(self, name)
-
-
-def format_errors(exc: ValidationError, source: str) -> str:
-    """One line per error: ``field.path: message``."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see services/serve_config.py for the fields)"
-        lines.append(f"  {loc}: {message}")
-    return f"{source}: invalid config ({len(lines)} error{'s' if len(lines) != 1 else ''}):\n" + "\n".join(lines)
 
 
 def load_config(path: str | Path | None = None) -> PlatformConfig:

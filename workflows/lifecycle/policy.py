@@ -24,7 +24,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workflows.config_errors import format_errors
+
 log = logging.getLogger(__name__)
+
+FIELDS_IN = "workflows/lifecycle/policy.py"  # where a policy's fields are documented
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "lifecycle"
 DEFAULT_POLICY = CONFIG_DIR / "promotion.yaml"
@@ -188,7 +192,7 @@ class PromotionPolicy(_Strict):
         try:
             policy = cls.model_validate(data)
         except ValidationError as exc:
-            raise PolicyError(format_errors(exc, source)) from None
+            raise PolicyError(format_errors(exc, source, "promotion policy", FIELDS_IN)) from None
         if policy.canary.probes:
             path = Path(policy.canary.probes)
             if not path.is_absolute():
@@ -216,7 +220,7 @@ def load_probes(path: str | Path) -> list[Probe]:
     try:
         return list(ProbeSet.model_validate(dict(data)).probes)
     except ValidationError as exc:
-        raise PolicyError(format_errors(exc, str(path))) from None
+        raise PolicyError(format_errors(exc, str(path), "promotion policy", FIELDS_IN)) from None
 
 
 def _read_yaml(path: Path) -> Any:
@@ -226,17 +230,3 @@ def _read_yaml(path: Path) -> Any:
         raise PolicyError(f"{path}: cannot read the file: {exc}") from None
     except yaml.YAMLError as exc:
         raise PolicyError(f"{path}: not valid YAML: {exc}") from None
-
-
-def format_errors(exc: ValidationError, source: str) -> str:
-    """One line per error: ``key.path: message``."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key (see workflows/lifecycle/policy.py for the fields)"
-        lines.append(f"  {loc}: {message}")
-    return f"{source}: invalid promotion policy ({len(lines)} error{'s' if len(lines) != 1 else ''}):\n" + "\n".join(
-        lines
-    )
