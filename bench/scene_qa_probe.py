@@ -1,7 +1,7 @@
 """How fast can the tiny recipe's LLM learn the synthetic scene questions, given one kind of image tokens or another?
 
     .venv/bin/python -m bench.scene_qa_probe [--arms cells,encoder] [--steps 900] [--turns 6] [--checkpoint DIR]
-        [--test 1000] [--json OUT]
+        [--vit-patches DATA] [--test 1000] [--json OUT]
 
 A diagnostic for the image-QA plateau of the tiny recipe (``ola_model/assets/demo-model/TRAINING.md``). Each arm
 trains a fresh Qwen2 decoder of the tiny-demo LLM's shape (128 wide, 4 layers, 4 heads, 2 KV heads) on the same
@@ -12,7 +12,8 @@ tokenizer), and the loss is on the answer word only. The arms differ only in the
 - ``cells``: a perfect encoder. The picture is an 8 x 8 grid; a cell holding a shape is the sum of learned embeddings
   of its colour, kind and size, any other cell one learned embedding of the background colour (64 tokens).
 - ``encoder``: the image block of a real ViT + projector (``--checkpoint``, or the tiny-demo model at random
-  initialisation), frozen, from the scene rendered at 160-224 px (low-res view at 160 x 160).
+  initialisation, its patch embedding set from ``--vit-patches`` as ``model.init.vit_patches`` does), frozen, from
+  the scene rendered at 160-224 px (low-res view at 160 x 160).
 
 ``--turns N`` asks N different questions about each scene in one sequence (as ``ola data synth --qa-turns``).
 """
@@ -81,7 +82,7 @@ def cell_tokens(scene: sc.Scene, rng: np.random.Generator, vocab: Vocab) -> list
 
 
 def make_encoder(
-    checkpoint: Path | None, tokens: str = "block"
+    checkpoint: Path | None, tokens: str = "block", vit_patches: Path | None = None
 ) -> Callable[[sc.Scene, np.random.Generator], torch.Tensor]:
     """The ``encoder`` arm's picture: a frozen model's image block (positions, LLM width), or with ``tokens`` =
     "highres" only the pooled tokens of its high-res view (no low-res view, row newlines or begin / sep / end)."""
@@ -94,6 +95,10 @@ def make_encoder(
         llm = {**LLM, "num_key_value_heads": 2}
         config = OlaConfig.from_name("tiny").with_overrides({"llm": llm})
         model = build_model(config, seed=0).eval()
+        if vit_patches is not None:  # the patch embedding as model.init.vit_patches sets it
+            from workflows.training.patch_init import init_patch_embedding
+
+            init_patch_embedding(model, vit_patches)
     else:
         model = load_checkpoint(checkpoint, dtype=torch.float32)
 
@@ -203,16 +208,25 @@ def main(argv: list[str] | None = None) -> int:
         default="block",
         help="encoder arm: the whole image block, or only the high-res view's pooled tokens (default block)",
     )
+    p.add_argument(
+        "--vit-patches",
+        type=Path,
+        metavar="DATA",
+        help="encoder arm at random initialisation: the patch embedding from this dataset's patches, whitened "
+        "(as a training config's model.init.vit_patches)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.vit_patches is not None and args.checkpoint is not None:
+        p.error("--vit-patches sets up a randomly initialised encoder; it does not go with --checkpoint")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - {"cells", "encoder"})
     if unknown or not arms:
         p.error(f"--arms: unknown arm(s) {unknown}; choose from cells, encoder")
     torch.set_num_threads(args.threads)
-    encode = make_encoder(args.checkpoint, args.encoder_tokens) if "encoder" in arms else None
+    encode = make_encoder(args.checkpoint, args.encoder_tokens, args.vit_patches) if "encoder" in arms else None
     results = [run_arm(arm, args, encode) for arm in arms]
     columns = [("arm", "arm"), ("all", "all"), *[(k, k) for k in KINDS], ("final_loss", "loss"), ("train_s", "s")]
     print(format_table(results, columns))

@@ -1,6 +1,7 @@
 """Can the tiny ViT + projector tell the synthetic world's shapes apart, token by token?
 
-    .venv/bin/python -m bench.vision_token_probe readout [--checkpoint DIR ...] [--images 3000] [--json OUT]
+    .venv/bin/python -m bench.vision_token_probe readout [--checkpoint DIR ...] [--vit-patches DATA ...]
+        [--images 3000] [--json OUT]
     .venv/bin/python -m bench.vision_token_probe supervise [--steps 600] [--lr 1e-3] [--scale 1] [--json OUT]
 
 A diagnostic for the tiny recipe's image-QA plateau (``ola_model/assets/demo-model/TRAINING.md``), next to
@@ -10,8 +11,9 @@ them if an image token says which kind it holds.
 - ``readout``: one shape (any kind and colour, radius 6-14 px) centred in the first 32 x 32 pooled token of a 64 x 64
   gray picture. Classifiers trained on 3/4 of the pictures name the kind and the colour of the other quarter from
   that one token of the image block: a linear one (what an attention key can read) and a 2-layer MLP, for the
-  tiny-demo ViT + projector at random initialisation, the shipped demo model and any ``--checkpoint``. The picture's
-  own pixels (the token's 32 x 32 x 3) are the reference.
+  tiny-demo ViT + projector at random initialisation, the shipped demo model, any ``--checkpoint`` and a random one
+  whose patch embedding is set from ``--vit-patches`` (as ``model.init.vit_patches`` does). The picture's own pixels
+  (the token's 32 x 32 x 3) are the reference.
 - ``supervise``: the most direct teacher there is. A linear head on each high-res pooled token of a fresh tiny-demo
   ViT + projector learns, on rendered scenes (160-224 px, ``--scale`` times larger), the kind, colour and size of the
   shape whose centre lies in that token, and whether there is one, with AdamW (warmup 10 %, cosine, clip 1.0).
@@ -109,6 +111,12 @@ def readout(args: argparse.Namespace) -> list[dict[str, Any]]:
         "demo model": load_checkpoint(DEMO, dtype=torch.float32),
     }
     encoders.update({str(path): load_checkpoint(path, dtype=torch.float32) for path in args.checkpoint})
+    for data in args.vit_patches:
+        from workflows.training.patch_init import init_patch_embedding
+
+        model = fresh_model(args.seed)
+        init_patch_embedding(model, data)
+        encoders[f"random, patch embedding from {data}"] = model
     for name, model in encoders.items():
         with torch.no_grad():
             features[name] = torch.stack([highres_tokens(model.eval(), image)[0] for image in images])
@@ -199,6 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=("readout", "supervise"))
     p.add_argument("--checkpoint", type=Path, action="append", default=[], help="readout: also this model's tokens")
+    p.add_argument(
+        "--vit-patches",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DATA",
+        help="readout: also a random ViT whose patch embedding is set from this dataset (model.init.vit_patches)",
+    )
     p.add_argument("--images", type=int, default=3000, help="readout: pictures (default 3000)")
     p.add_argument("--steps", type=int, default=600, help="supervise: optimiser steps (default 600)")
     p.add_argument("--batch", type=int, default=16, help="supervise: scenes per step (default 16)")

@@ -132,10 +132,14 @@ def test_scene_qa_probe_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_vision_token_probe_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probe = _bench("vision_token_probe", monkeypatch)
+    from workflows.training.smoke_data import write_smoke_dataset
+
+    data = write_smoke_dataset(tmp_path / "smoke")
     out = tmp_path / "readout.json"
-    assert probe.main(["readout", "--images", "160", "--json", str(out)]) == 0
+    assert probe.main(["readout", "--images", "160", "--vit-patches", str(data), "--json", str(out)]) == 0
     rows = {r["tokens"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"pixels of the token", "random initialisation", "demo model"}
+    patched = f"random, patch embedding from {data}"
+    assert set(rows) == {"pixels of the token", "random initialisation", "demo model", patched}
     # a lone shape's colour is plain in its own pixels: 40 held-out pictures, 7 colours
     assert rows["pixels of the token"]["colour_linear"] > 0.6
     for r in rows.values():

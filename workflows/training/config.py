@@ -45,6 +45,13 @@ class InitSpec:
     whisper: str | None = None  # an openai-whisper .pt or an HF Whisper directory
     beats: str | None = None  # a BEATs .pt
     vit: str | None = None  # an OryxViT / SigLIP-shaped .pth
+    # a dataset directory: the ViT's patch embedding becomes the whitened PCA of its train images' patches
+    # (workflows/training/patch_init.py; for a ViT trained from scratch, so not together with vit)
+    vit_patches: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.vit is not None and self.vit_patches is not None:
+            raise ConfigError("model.init: vit and vit_patches both set; vit_patches starts a ViT without weights")
 
 
 @dataclass

@@ -224,6 +224,11 @@ def _initial_model(config: TrainConfig, dtype: torch.dtype) -> OlaModel:
     spec = config.model
     model = build_model(spec.model_config(), dtype=dtype, seed=spec.seed)
     init = {k: v for k, v in dataclasses.asdict(spec.init).items() if v is not None}
+    patches_root = init.pop("vit_patches", None)
+    if patches_root is not None:
+        from workflows.training.patch_init import init_patch_embedding
+
+        init_patch_embedding(model, patches_root, seed=spec.seed)
     if init:
         for part, report in load_components(model, **init).items():
             log.info("initialised %s from its component checkpoint: %d tensors", part, report.loaded)
@@ -493,10 +498,13 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 def _fingerprint(job: StageJob, workers: int) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one."""
     config, stage = job.config, job.config.stage(job.stage)
+    model = dataclasses.asdict(config.model)
+    if model["init"]["vit_patches"] is None:  # unset: as before the key existed, so older runs still resume
+        del model["init"]["vit_patches"]
     return {
         "stage": stage.to_dict(),
         "init_model": job.init_model,
-        "model": dataclasses.asdict(config.model),
+        "model": model,
         "data_root": str(config.data_root(stage)),
         "split": config.data.split,
         "label_all_turn_markers": config.data.label_all_turn_markers,
@@ -605,9 +613,15 @@ def run_stage(
     on_ray = (ray if ray is not None else res.ray) or workers > 1
     if init_model is not None and not (Path(init_model) / "config.json").is_file():
         raise StageError(f"stage {stage}: the model it starts from, {init_model}, is not a checkpoint directory")
-    # Ray workers run in their own working directory: relative data roots are resolved here, against ours.
+    # Ray workers run in their own working directory: relative data roots and init paths are resolved here, against
+    # ours (an init path that names no local file, as a hub id would, is left alone).
+    init = {
+        k: str(Path(v).resolve()) if v is not None and Path(v).exists() else v
+        for k, v in dataclasses.asdict(config.model.init).items()
+    }
     config = dataclasses.replace(
         config,
+        model=dataclasses.replace(config.model, init=type(config.model.init)(**init)),
         data=dataclasses.replace(config.data, root=str(Path(config.data.root).resolve())),
         stages=[
             dataclasses.replace(s, data_root=str(Path(s.data_root).resolve())) if s.data_root is not None else s
