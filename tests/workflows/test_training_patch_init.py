@@ -17,19 +17,9 @@ from workflows.training.patch_init import (
     init_patch_embedding,
     whitened_basis,
 )
-from workflows.training.smoke_data import write_smoke_dataset
-from workflows.training.stage import run_stage, shutdown_distributed
+from workflows.training.stage import run_stage
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _process_group():
-    yield
-    shutdown_distributed()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return write_smoke_dataset(tmp_path_factory.mktemp("smoke"))
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def test_patches_are_what_the_patch_convolution_sees() -> None:

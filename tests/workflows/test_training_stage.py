@@ -14,13 +14,11 @@ import torch
 from ola_model.checkpoint.ola_format import load_checkpoint
 from workflows.training.checkpoints import COMPLETE, StagePaths
 from workflows.training.config import config_from_dict
-from workflows.training.smoke_data import write_smoke_dataset
 from workflows.training.stage import (
     StageError,
     deepspeed_config,
     lr_factor,
     run_stage,
-    shutdown_distributed,
     total_steps,
 )
 
@@ -28,15 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _process_group():
-    yield
-    shutdown_distributed()
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return write_smoke_dataset(tmp_path_factory.mktemp("smoke"))
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def make_config(data_root: Path, **stage) -> object:
