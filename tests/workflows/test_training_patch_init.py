@@ -41,7 +41,7 @@ def test_whitened_basis_decorrelates_to_unit_variance() -> None:
     out = (patches @ weight.T + bias).double()
     assert out.mean(0).abs().max() < 1e-3
     assert torch.allclose(torch.cov(out.T), torch.eye(16, dtype=torch.float64), atol=1e-3)
-    # the top direction carries the most variance of the input; the result does not depend on eigenvector signs
+    # the same patches give the same basis: eigenvector signs are fixed, not left to the solver
     assert torch.equal(weight, whitened_basis(patches.clone(), 16)[0])
     with pytest.raises(PatchInitError, match="16 patches cannot give 16 principal directions"):
         whitened_basis(patches[:16], 16)

@@ -4,7 +4,7 @@ The published recipe starts from a pretrained OryxViT (SigLIP); at tiny size non
 tiny ViT gives the LLM tokens it does not learn to read: ``bench/vision_token_probe.py readout`` names a lone shape's
 kind from one token at 0.65 (random) against 0.93 from the token's own pixels, and the scene questions stay at chance
 (``bench/scene_qa_probe.py``; ``ola_model/assets/demo-model/TRAINING.md``). With the patch embedding set to the top
-principal directions of the training images' patches, each scaled to unit variance, the same readout reaches 0.86
+principal directions of the training images' patches, each scaled to unit variance, the same readout reaches 0.85
 and the LLM starts to answer object questions. It is set once, before the first stage (``model.init.vit_patches``
 in a training config); every other weight keeps its seeded random start and all of them train as usual.
 """
