@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from workflows.lifecycle.registry import ModelRegistry, code_revision, download_
 from workflows.training.config import load_config
 from workflows.training.pipeline import run_pipeline
 from workflows.training.smoke_data import write_smoke_dataset
-from workflows.training.stage import shutdown_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -39,10 +37,7 @@ class Registered:
     data_root: Path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _process_group() -> Iterator[None]:
-    yield
-    shutdown_distributed()
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def vision_loss_probe(stage: str, model_dir: Path) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,6 @@ from workflows.training.cli import register as register_cli
 from workflows.training.config import ConfigError, config_from_dict, load_config
 from workflows.training.pipeline import run_pipeline
 from workflows.training.smoke_data import write_smoke_dataset
-from workflows.training.stage import shutdown_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
@@ -55,10 +53,7 @@ class TrackedRun:
     interrupted_parent: str  # the parent run id recorded by the interrupted attempt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _process_group() -> Iterator[None]:
-    yield
-    shutdown_distributed()
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 @pytest.fixture(scope="module")

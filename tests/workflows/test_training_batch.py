@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,15 +30,9 @@ from workflows.training.batch import (
     parse_sample,
     tokenize_conversation,
 )
-from workflows.training.smoke_data import write_smoke_dataset
 from workflows.training.trainability import apply_trainable
 
 ALL_TASKS = ["caption", "image_qa", "ocr", "asr", "sound_qa", "spoken_image_qa", "video_qa", "video_audio_qa"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return write_smoke_dataset(tmp_path_factory.mktemp("smoke"))
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,13 @@ from workflows.training.cli import register
 from workflows.training.config import ConfigError, load_config
 from workflows.training.pipeline import run_pipeline, select_stages
 from workflows.training.smoke_data import write_smoke_dataset
-from workflows.training.stage import StageError, shutdown_distributed
+from workflows.training.stage import StageError
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _process_group():
-    yield
-    shutdown_distributed()
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 @pytest.fixture(scope="module")

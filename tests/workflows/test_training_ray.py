@@ -11,17 +11,11 @@ import pytest
 from ola_model.checkpoint.ola_format import load_checkpoint
 from workflows.training.checkpoints import StagePaths
 from workflows.training.config import config_from_dict
-from workflows.training.smoke_data import write_smoke_dataset
 from workflows.training.stage import run_stage
 
 REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return write_smoke_dataset(tmp_path_factory.mktemp("smoke"))
 
 
 def test_stage_on_ray_train_with_two_gloo_workers(data_root, tmp_path) -> None:
