@@ -81,20 +81,33 @@ def cell_tokens(scene: sc.Scene, rng: np.random.Generator, vocab: Vocab) -> list
     return cells
 
 
+def fresh_model(seed: int = 0):
+    """The tiny-demo model (the recipe's shape) at random initialisation."""
+    from ola_model.config import OlaConfig
+    from ola_model.model import build_model
+
+    llm = {**LLM, "num_key_value_heads": 2}
+    return build_model(OlaConfig.from_name("tiny").with_overrides({"name": "tiny-demo", "llm": llm}), seed=seed)
+
+
+def highres_tokens(model, image: torch.Tensor) -> torch.Tensor:
+    """One normalised view (3, H, W) -> its pooled tokens at LLM width, row-major ((H/32)(W/32), C), no newlines."""
+    p = model.vision_tower.patch_size
+    h, w = image.shape[-2] // p, image.shape[-1] // p
+    rows = model.mm_projector(model.vision_tower([image])[0][None], h, w)[0].reshape(h // 2, w // 2 + 1, -1)
+    return rows[:, :-1].reshape(-1, rows.shape[-1])  # the newline closes each row
+
+
 def make_encoder(
     checkpoint: Path | None, tokens: str = "block", vit_patches: Path | None = None
 ) -> Callable[[sc.Scene, np.random.Generator], torch.Tensor]:
     """The ``encoder`` arm's picture: a frozen model's image block (positions, LLM width), or with ``tokens`` =
     "highres" only the pooled tokens of its high-res view (no low-res view, row newlines or begin / sep / end)."""
     from ola_model.checkpoint.ola_format import load_checkpoint
-    from ola_model.config import OlaConfig
-    from ola_model.model import build_model
     from ola_model.processing.image import process_image
 
     if checkpoint is None:
-        llm = {**LLM, "num_key_value_heads": 2}
-        config = OlaConfig.from_name("tiny").with_overrides({"llm": llm})
-        model = build_model(config, seed=0).eval()
+        model = fresh_model(seed=0).eval()
         if vit_patches is not None:  # the patch embedding as model.init.vit_patches sets it
             from workflows.training.patch_init import init_patch_embedding
 
@@ -107,11 +120,7 @@ def make_encoder(
         with torch.no_grad():
             if tokens == "block":
                 return model.encode_images([(views.lowres, views.highres)])[0]
-            p = model.vision_tower.patch_size
-            h, w = views.highres.shape[-2] // p, views.highres.shape[-1] // p
-            features = model.vision_tower([views.highres])[0]
-            rows = model.mm_projector(features[None], h, w)[0].reshape(h // 2, w // 2 + 1, -1)
-            return rows[:, :-1].reshape(-1, rows.shape[-1])  # the newline closes each row
+            return highres_tokens(model, views.highres)
 
     return encode
 

@@ -34,32 +34,14 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from bench._common import format_table, write_results
+from bench.scene_qa_probe import SIZES, fresh_model, highres_tokens
+from ola_model.demo import SHIPPED_DEMO
 from ola_model.processing.image import image_to_tensor, process_image
 from workflows.data import scenes as sc
 from workflows.data.world import BACKGROUNDS, COLOURS, SHAPES
 
-DEMO = Path(__file__).resolve().parents[1] / "ola_model" / "assets" / "demo-model"
-LLM = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4, "num_attention_heads": 4}
-SIZES = ((192, 192), (224, 160), (160, 224), (160, 160))
 TOKEN = 32  # pixels per pooled token side (16-px patches, 2 x 2 pooling)
 PALETTE = sorted(set(COLOURS) | set(BACKGROUNDS))  # colour classes: a shape's or, for empty tokens, the background's
-
-
-def fresh_model(seed: int = 0):
-    """The tiny-demo model (the recipe's shape) at random initialisation."""
-    from ola_model.config import OlaConfig
-    from ola_model.model import build_model
-
-    llm = {**LLM, "num_key_value_heads": 2}
-    return build_model(OlaConfig.from_name("tiny").with_overrides({"name": "tiny-demo", "llm": llm}), seed=seed)
-
-
-def highres_tokens(model, image: torch.Tensor) -> torch.Tensor:
-    """One normalised view (3, H, W) -> its pooled tokens at LLM width, row-major ((H/32)(W/32), C), no newlines."""
-    p = model.vision_tower.patch_size
-    h, w = image.shape[-2] // p, image.shape[-1] // p
-    rows = model.mm_projector(model.vision_tower([image])[0][None], h, w)[0].reshape(h // 2, w // 2 + 1, -1)
-    return rows[:, :-1].reshape(-1, rows.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------------- readout
@@ -108,7 +90,7 @@ def readout(args: argparse.Namespace) -> list[dict[str, Any]]:
     features = {"pixels of the token": images[:, :, :TOKEN, :TOKEN].reshape(len(images), -1)}
     encoders = {
         "random initialisation": fresh_model(args.seed),
-        "demo model": load_checkpoint(DEMO, dtype=torch.float32),
+        "demo model": load_checkpoint(SHIPPED_DEMO, dtype=torch.float32),
     }
     encoders.update({str(path): load_checkpoint(path, dtype=torch.float32) for path in args.checkpoint})
     for data in args.vit_patches:

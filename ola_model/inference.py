@@ -19,7 +19,7 @@ from ola_model.errors import InputError, LimitError
 from ola_model.generation import SamplingParams, generate_ids, stream_text
 from ola_model.model import OlaModel, build_model
 from ola_model.processing.audio import AudioFeatures, load_audio, process_audio
-from ola_model.processing.image import ImageViews, load_image, process_image
+from ola_model.processing.image import ImageViews, load_image, process_image_within
 from ola_model.processing.video import VideoClip, load_video
 from ola_model.prompt import Message, assemble_embeddings, chatml, prompt_length, tokenize_prompt, user_content
 from ola_model.tokenizer import load_tokenizer, stop_token_ids, tiny_tokenizer
@@ -97,11 +97,7 @@ class OlaPipeline:
             raise InputError("a request takes images or one video, not both")
         media = PreparedMedia()
         for img in request.images:
-            media.images.append(
-                process_image(
-                    load_image(img), max_area=lim.max_image_area, lowres_area=lim.lowres_area, stride=lim.image_stride
-                )
-            )
+            media.images.append(process_image_within(load_image(img), lim))
         wav = None
         if request.video is not None:
             frames = request.max_video_frames or lim.max_video_frames

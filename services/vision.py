@@ -33,7 +33,7 @@ import torch
 from google.protobuf import duration_pb2
 from pydantic import BaseModel, ConfigDict, Field
 
-from ola_model.processing.image import ImageViews, load_image, process_image
+from ola_model.processing.image import ImageViews, load_image, process_image_within
 from ola_model.processing.video import VideoClip, load_video
 from services.batching import RequestBatcher
 from services.cache import CacheConfig, CachedBlock, EncoderCache, cache_key, make_cache
@@ -228,14 +228,7 @@ class VisionEncoderServicer(EncoderServicerBase, vision_pb2_grpc.VisionEncoderSe
         views = []
         for i, media in items:
             with at_field(f"images[{i}]"):
-                views.append(
-                    process_image(
-                        load_image(media.data),
-                        max_area=lim.max_image_area,
-                        lowres_area=lim.lowres_area,
-                        stride=lim.image_stride,
-                    )
-                )
+                views.append(process_image_within(load_image(media.data), lim))
         return views
 
     @staticmethod

@@ -18,10 +18,14 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from ola_model.config import LimitsConfig
 
 from ola_model.errors import MediaError
 
@@ -206,3 +210,10 @@ def process_image(
     low = high.resize(lo_size, Image.Resampling.BICUBIC)
     logger.debug("image %dx%d -> high-res %s, low-res %s", width, height, hi_size, lo_size)
     return ImageViews(lowres=image_to_tensor(low), highres=image_to_tensor(high), original_size=(width, height))
+
+
+def process_image_within(img: Image.Image, limits: LimitsConfig) -> ImageViews:
+    """:func:`process_image` under a model's limits (``OlaConfig.limits``): high-res budget, low-res area, stride."""
+    return process_image(
+        img, max_area=limits.max_image_area, lowres_area=limits.lowres_area, stride=limits.image_stride
+    )

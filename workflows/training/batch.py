@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from ola_model.config import OlaConfig
 from ola_model.model import OlaModel
 from ola_model.processing.audio import SAMPLE_RATE, AudioFeatures, load_audio, process_audio
-from ola_model.processing.image import ImageViews, load_image, process_image
+from ola_model.processing.image import ImageViews, load_image, process_image_within
 from ola_model.processing.video import load_video
 from ola_model.prompt import (
     IGNORE_INDEX,
@@ -339,12 +339,7 @@ class StageDataset(Dataset):
     def __getitem__(self, index: int) -> Example:
         spec, lim = self.specs[index], self.config.limits
         ids, labels = self.tokens[index]
-        images = [
-            process_image(
-                load_image(p), max_area=lim.max_image_area, lowres_area=lim.lowres_area, stride=lim.image_stride
-            )
-            for p in spec.images
-        ]
+        images = [process_image_within(load_image(p), lim) for p in spec.images]
         video, wav = None, None
         if spec.video is not None:
             clip = load_video(

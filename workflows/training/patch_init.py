@@ -19,7 +19,7 @@ import torch
 
 from ola_model.errors import OlaError
 from ola_model.model import OlaModel
-from ola_model.processing.image import load_image, process_image
+from ola_model.processing.image import load_image, process_image_within
 from workflows.data.dataset import load_split
 from workflows.data.errors import DataFormatError
 
@@ -80,15 +80,9 @@ def dataset_views(root: str | Path, model: OlaModel, count: int = DEFAULT_IMAGES
         raise PatchInitError(f"{root}: the train split has no image samples")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(records), size=min(count, len(records)), replace=False)
-    limits = model.config.limits
     views = []
     for i in sorted(int(j) for j in chosen):
-        pair = process_image(
-            load_image(records[i]["image"]),
-            max_area=limits.max_image_area,
-            lowres_area=limits.lowres_area,
-            stride=limits.image_stride,
-        )
+        pair = process_image_within(load_image(records[i]["image"]), model.config.limits)
         views += [pair.lowres, pair.highres]
     return views
 

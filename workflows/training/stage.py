@@ -621,7 +621,7 @@ def run_stage(
     }
     config = dataclasses.replace(
         config,
-        model=dataclasses.replace(config.model, init=type(config.model.init)(**init)),
+        model=dataclasses.replace(config.model, init=dataclasses.replace(config.model.init, **init)),
         data=dataclasses.replace(config.data, root=str(Path(config.data.root).resolve())),
         stages=[
             dataclasses.replace(s, data_root=str(Path(s.data_root).resolve())) if s.data_root is not None else s
