@@ -85,16 +85,18 @@ def test_serving_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serving = _bench("serving", monkeypatch)
     out = tmp_path / "serving.json"
     args = ["--concurrency", "1,2", "--new-tokens", "8", "--repeats", "2", "--chats", "2", "--cache-repeats", "1"]
-    args += ["--audio-attempts", "1"]
+    args += ["--load", "closed,bursts", "--audio-attempts", "1"]
     args += ["--audio-sentences", "3", "--vision-chats", "2", "--vision-rounds", "1", "--json", str(out)]
     result = serving.main(args)
 
     assert json.loads(out.read_text())["throughput"] == result["throughput"]
-    assert [(r["images"], r["concurrency"]) for r in result["throughput"]] == [(1, 1), (1, 2), (0, 1), (0, 2)]
+    runs = [(r["load"], r["images"], r["concurrency"]) for r in result["throughput"]]
+    assert runs == [(load, images, n) for load in ("closed", "bursts") for images in (1, 0) for n in (1, 2)]
     for row in result["throughput"]:
         assert row["chats_per_run"] == 2 and row["tokens"] == 8 * 2 and row["services_tok_s"] > 0 and row["ratio"] > 0
         assert row["engine_alone_tok_s"] > 0 and len(row["services_runs_tok_s"]) == 2
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+        assert row["ratio_min"] <= row["ratio_paired"] <= row["ratio_max"]
         assert 1 <= row["max_batch"] <= row["concurrency"]
     assert {r["input"] for r in result["cache"]} == {"image 1000x750", "video 16 frames 320x240"}
     assert all(r["hit_ms"] > 0 and r["miss_ms"] > 0 for r in result["cache"])
