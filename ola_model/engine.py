@@ -6,9 +6,10 @@ once, and cache columns that only padding still uses are trimmed. Each request k
 random generator, and positions are per request, so a request decodes exactly as it would alone (tested against
 :func:`ola_model.generation.generate_ids`).
 
-Prefill runs transformers' forward; the decode step runs :class:`ola_model.decode_step.DecodeStep` (the same arithmetic
-over the same parameters, about half the per-step overhead) unless ``fast_decode=False`` or the decoder's
-configuration is one it does not reproduce. The cache is kept as plain ``(keys, values)`` tensors per layer.
+Prefill and the decode step run :class:`ola_model.decode_step.DecodeStep` (transformers' Qwen2 arithmetic over the
+same parameters, without its per-call overhead) unless ``fast_decode=False`` or the decoder's configuration is one it
+does not reproduce; then both run transformers' forward. The cache is kept as plain ``(keys, values)`` tensors per
+layer.
 
 The engine is synchronous and single-threaded: a server drives ``step()`` from one loop and calls ``add`` / ``abort``
 from anywhere (they only touch a lock-protected inbox).
@@ -60,8 +61,8 @@ class LLMEngine:
         stop_ids: ids that end a request (not emitted).
         max_batch: most requests decoding together; more wait in the queue.
         max_context: prompt + max_new_tokens limit per request (checked in ``add``).
-        fast_decode: decode with :class:`~ola_model.decode_step.DecodeStep` where the decoder allows it (False:
-            transformers' forward for every step).
+        fast_decode: prefill and decode with :class:`~ola_model.decode_step.DecodeStep` where the decoder allows it
+            (False: transformers' forward for every step).
     """
 
     def __init__(
@@ -173,11 +174,19 @@ class LLMEngine:
             embeds[b, L - lengths[b] :] = r.prompt.to(device=device, dtype=dtype)
             mask[b, L - lengths[b] :] = 1
             r.position = lengths[b]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(
-            embeds, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True, logits_to_keep=1
-        )
-        new_layers = _layers(out.cache)
+        if self._fast is not None:
+            logits, new_layers = self._fast.prefill(embeds, mask)
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(
+                embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=DynamicCache(),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits, new_layers = out.logits[:, -1], _layers(out.cache)
         base = len(self._running)
         if self._kv is None:
             self._kv = new_layers
@@ -190,7 +199,7 @@ class LLMEngine:
             ]
             self._mask = torch.cat([F.pad(self._mask, (T - self._mask.shape[1], 0)), F.pad(mask, (T - L, 0))])
         self._running += new
-        tokens = self._sample_rows(new, out.logits[:, -1])  # logits (N, V)
+        tokens = self._sample_rows(new, logits)  # logits (N, V)
         return [(base + b, tok) for b, tok in enumerate(tokens)]
 
     def _decode_running(self, skip: int) -> list[tuple[int, int]]:

@@ -550,7 +550,9 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
         loaded = await self.registry.aget(request.model_version)
         version = loaded.version
         ids = self._prompt_ids(request, loaded)
-        blocks = await asyncio.to_thread(self._blocks, request, loaded)
+        # Decoding and checking blocks, and splicing them in, can take milliseconds (a long video's block): off the
+        # event loop. A text-only prompt is a table lookup; a thread hop would cost more than the work.
+        blocks = await asyncio.to_thread(self._blocks, request, loaded) if request.blocks else []
         num_placeholders = self._check_placeholders(ids, len(blocks), "blocks")
         sizes = {"text": len(ids) - num_placeholders, "image": 0, "video": 0, "audio": 0}
         for b in blocks:
@@ -560,7 +562,10 @@ class LLMServicer(ModelServiceBase, llm_pb2_grpc.LLMServiceServicer):
             request.sampling, self.config.default_max_new_tokens, room=max_context - sum(sizes.values())
         )
         self._check_context(sizes, params.max_new_tokens, max_context)
-        embeds = await asyncio.to_thread(self._assemble, loaded, ids, blocks)
+        if blocks:
+            embeds = await asyncio.to_thread(self._assemble, loaded, ids, blocks)
+        else:
+            embeds = self._assemble(loaded, ids, blocks)
 
         state = self._state(loaded)
         rid = uuid.uuid4().hex

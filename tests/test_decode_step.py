@@ -53,6 +53,41 @@ def test_matches_transformers_forward_on_left_padded_rows(dtype, atol):
     assert logits.dtype == dtype and logits.shape == (B, model.config.llm.vocab_size)
 
 
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_prefill_matches_transformers_forward_on_left_padded_rows(dtype, atol):
+    """The lean prefill gives transformers' last-position logits and cache on every real column; the padding
+    columns stay finite (a NaN there would leak into later steps through zero attention weights)."""
+    model = _model(dtype)
+    g = torch.Generator().manual_seed(1)
+    lengths = [9, 1, 13, 13]
+    B, L, C = len(lengths), max(lengths), model.config.llm.hidden_size
+    embeds = torch.randn(B, L, C, generator=g).to(dtype)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, L - n :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    step = DecodeStep(model.llm)
+    with torch.inference_mode():
+        ref = model(
+            embeds, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True, logits_to_keep=1
+        )
+        logits, kv = step.prefill(embeds, mask)
+        torch.testing.assert_close(logits, ref.logits[:, -1], atol=atol, rtol=0)
+        real = mask.bool()[:, None, :, None]  # (B, 1, L, 1) against (B, kv_heads, L, D)
+        for (k, v), layer in zip(kv, ref.cache.layers, strict=True):
+            assert k.shape == layer.keys.shape and v.shape == layer.values.shape
+            assert torch.isfinite(k).all() and torch.isfinite(v).all()
+            torch.testing.assert_close(k * real, layer.keys * real, atol=atol, rtol=0)
+            torch.testing.assert_close(v * real, layer.values * real, atol=atol, rtol=0)
+        # Decoding on from the lean cache gives what decoding on from transformers' cache gives.
+        ref_kv = [(layer.keys, layer.values) for layer in ref.cache.layers]
+        tokens, pos = torch.tensor([5, 17, 300, 2]), torch.tensor(lengths)
+        step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1).bool()
+        ours, _ = step(tokens, pos, step_mask, kv)
+        theirs, _ = step(tokens, pos, step_mask, ref_kv)
+        torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
+
+
 def test_reads_the_live_parameters():
     """No copies of the weights: a change to the module shows in the next step."""
     model = _model(torch.float32)
