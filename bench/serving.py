@@ -16,8 +16,8 @@
    device it is given (``--no-pin`` lets them float).
 
 Everything runs on this machine over real gRPC on loopback, real espeak-ng, with every service in its own process
-as Ray Serve runs them (a replica is a process; model processes use one torch thread) and the clients in processes
-of their own. Run: ``.venv/bin/python -m bench.serving [--json OUT]``.
+(the TTS service too) as Ray Serve runs them (a replica is a process; model processes use one torch thread) and the
+clients in processes of their own. Run: ``.venv/bin/python -m bench.serving [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -145,21 +145,27 @@ def _versions(talkers: dict[str, str] | None) -> dict[str, Any]:
 def _serve_role(role: str, args: dict[str, Any], conn) -> None:
     """A child process serving one role on a loopback port (sent back through ``conn``) until it is terminated.
 
-    ``llm``: the LLM service (and the audio encoder); ``vision``: one vision encoder replica; ``gateway``: the omni
-    gateway with espeak-ng TTS (its TTS address is sent first). The ``llm`` role answers ``"stats"`` on ``conn`` with
-    its largest batch since the last question. Model processes run torch on one thread: one replica per CPU.
+    ``llm``: the LLM service (and the audio encoder); ``vision``: one vision encoder replica; ``tts``: the TTS service
+    (espeak-ng); ``gateway``: the omni gateway. The ``llm`` role answers ``"stats"`` on ``conn`` with its largest batch
+    since the last question. Model processes run torch on one thread: one replica per CPU.
     """
     import torch
 
     torch.set_num_threads(1)
     if args.get("cpu") is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args["cpu"]})
+    if role == "tts":
+        from services.tts.servicer import TTSServicer, build_server
+
+        tts_server, tts_port = build_server(TTSServicer.from_config({"sample_rate": 16000}))
+        conn.send(f"127.0.0.1:{tts_port}")
+        tts_server.wait_for_termination()
+        return
 
     async def serve() -> None:
         from services.registry import ModelRegistry, RegistryConfig
 
         server = grpc.aio.server(options=_OPTIONS)
-        keep: list[Any] = []
         if role in ("llm", "vision"):
             registry = ModelRegistry(RegistryConfig(versions=_versions(args.get("talkers")), default_version=VERSION))
         if role == "llm":
@@ -187,14 +193,10 @@ def _serve_role(role: str, args: dict[str, Any], conn) -> None:
             add_vision(server, VisionEncoderServicer(registry=registry))
         else:
             from services.gateway import GatewayConfig, GrpcBackends, OmniGateway, OmniServicer
-            from services.tts.servicer import TTSServicer, build_server
 
-            tts_server, tts_port = build_server(TTSServicer.from_config({"sample_rate": 16000}))
-            keep.append(tts_server)
-            backends = GrpcBackends(args["vision"], args["llm"], args["llm"], f"127.0.0.1:{tts_port}")
+            backends = GrpcBackends(args["vision"], args["llm"], args["llm"], args["tts"])
             gateway = OmniGateway(backends, GatewayConfig(default_model_version=VERSION))
             omni_pb2_grpc.add_OmniServiceServicer_to_server(OmniServicer(gateway), server)
-            conn.send({"tts": f"127.0.0.1:{tts_port}"})
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         conn.send(f"127.0.0.1:{port}")
@@ -281,8 +283,8 @@ def _question(i: int) -> str:
 
 class Stack:
     """The services as separate processes on loopback, as Ray Serve runs them (a replica is a process): the LLM
-    service (with the audio encoder), ``vision_replicas`` vision encoder replicas, and one gateway (with TTS) per
-    entry of ``gateways`` (how many vision replicas it balances over, round robin). Clients are processes of their
+    service (with the audio encoder), ``vision_replicas`` vision encoder replicas, the TTS service, and one gateway
+    per entry of ``gateways`` (how many vision replicas it balances over, round robin). Clients are processes of their
     own (:meth:`load`)."""
 
     def __init__(
@@ -298,7 +300,6 @@ class Stack:
 
         self._ctx = multiprocessing.get_context("spawn")
         self._procs: list[Any] = []
-        self._tts = ""
         args = {"max_batch": max_batch, "stream_interval_ms": stream_interval_ms, "talkers": talkers}
         self.llm_target, self._llm_conn = self._start("llm", args)
         cpus = sorted(os.sched_getaffinity(0)) if pin_vision and hasattr(os, "sched_getaffinity") else []
@@ -306,11 +307,13 @@ class Stack:
             self._start("vision", {**args, "cpu": cpus[k % len(cpus)] if cpus else None})[0]
             for k in range(vision_replicas)
         ]
+        self.tts_target, _ = self._start("tts", {})
         self.gateway_targets: dict[int, str] = {}
         for replicas in gateways:
             vision = ",".join(self.vision_targets[:replicas])
-            self.gateway_targets[replicas], _ = self._start("gateway", {"vision": vision, "llm": self.llm_target})
-        self.tts_target = self._tts
+            self.gateway_targets[replicas], _ = self._start(
+                "gateway", {"vision": vision, "llm": self.llm_target, "tts": self.tts_target}
+            )
         self.omni = omni_pb2_grpc.OmniServiceStub(
             grpc.insecure_channel(self.gateway_targets[gateways[0]], options=_OPTIONS)
         )
@@ -329,11 +332,7 @@ class Stack:
         self._procs.append(proc)
         if not parent.poll(300):
             raise RuntimeError(f"the {role} process did not start (exit code {proc.exitcode})")
-        first = parent.recv()
-        if isinstance(first, dict):  # the gateway's TTS address comes first
-            self._tts = first["tts"]
-            first = parent.recv()
-        return first, parent
+        return parent.recv(), parent
 
     def llm_stats(self) -> dict[str, Any]:
         self._llm_conn.send("stats")

@@ -293,8 +293,8 @@ class _FakeServeContext:
 
 
 def test_serve_context_turns_aborts_and_exceptions_into_statuses():
-    from services.app import RpcStatusError, ServeContext, call_stream, call_unary
     from services.errors import InvalidArgument
+    from services.serve_context import RpcStatusError, ServeContext, call_stream, call_unary
 
     detail = error_detail(errors_pb2.ERROR_REASON_INVALID_FIELD, "text: empty", field="text")
 
@@ -336,7 +336,7 @@ def test_serve_context_turns_aborts_and_exceptions_into_statuses():
 def test_watch_health_sends_the_status_then_each_change():
     from grpc_health.v1 import health_pb2
 
-    from services.app import watch_health
+    from services.serve_context import watch_health
 
     states = iter([True, True, False, False, True])
     serving = health_pb2.HealthCheckResponse.SERVING
