@@ -114,18 +114,22 @@ class DecodeStep:
         L = embeds.shape[1]  # embeds (B, L, C)
         real = mask.bool()
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # as the engine numbers a left-padded row
+        empty: list = [None] * len(self._layers)
+        if bool(real.all()):  # no padding (one prompt, or prompts of one length): the causal kernel, no mask
+            return self._forward(embeds, positions, None, empty)
         causal = torch.ones(L, L, dtype=torch.bool, device=embeds.device).tril()
         # A padding position attends to itself only: a query that sees no key at all would give NaN, and NaN in
         # the cache would leak through the zero attention weights of later steps.
         attn_mask = (causal & real[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=embeds.device)
-        return self._forward(embeds, positions, attn_mask, [None] * len(self._layers))
+        return self._forward(embeds, positions, attn_mask, empty)
 
     def _forward(
-        self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor, kv: list
+        self, x: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor | None, kv: list
     ) -> tuple[torch.Tensor, KV]:
         """The decoder on T new positions per row: x (B, T, C), positions (B, T), attn_mask (B, 1, T, S) bool over
-        the S = cache + T keys, kv per layer (keys, values) or None for an empty cache. Returns the last position's
-        logits (B, V) and the cache with the T positions appended."""
+        the S = cache + T keys (None: plain causal attention, for an empty cache), kv per layer (keys, values) or
+        None for an empty cache. Returns the last position's logits (B, V) and the cache with the T positions
+        appended."""
         llm = self.llm
         B, T, _ = x.shape
         H, KVH, D = self.heads, self.kv_heads, self.head_dim
@@ -150,7 +154,7 @@ class DecodeStep:
                 keys = torch.cat([cached[0], keys], dim=2)
                 values = torch.cat([cached[1], values], dim=2)
             o = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=attn_mask, scale=self.scale, enable_gqa=H != KVH
+                q, keys, values, attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.scale, enable_gqa=H != KVH
             )
             x = x + F.linear(o.transpose(1, 2).reshape(B, T, H * D), w_o)
             h = self._norm(x, w_post)

@@ -54,12 +54,13 @@ def test_matches_transformers_forward_on_left_padded_rows(dtype, atol):
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_prefill_matches_transformers_forward_on_left_padded_rows(dtype, atol):
+@pytest.mark.parametrize("lengths", [[9, 1, 13, 13], [13], [6, 6]], ids=["padded", "one", "unpadded"])
+def test_prefill_matches_transformers_forward_on_left_padded_rows(dtype, atol, lengths):
     """The lean prefill gives transformers' last-position logits and cache on every real column; the padding
-    columns stay finite (a NaN there would leak into later steps through zero attention weights)."""
+    columns stay finite (a NaN there would leak into later steps through zero attention weights). Without padding
+    it takes the unmasked causal kernel."""
     model = _model(dtype)
     g = torch.Generator().manual_seed(1)
-    lengths = [9, 1, 13, 13]
     B, L, C = len(lengths), max(lengths), model.config.llm.hidden_size
     embeds = torch.randn(B, L, C, generator=g).to(dtype)
     mask = torch.zeros(B, L, dtype=torch.long)
@@ -81,7 +82,7 @@ def test_prefill_matches_transformers_forward_on_left_padded_rows(dtype, atol):
             torch.testing.assert_close(v * real, layer.values * real, atol=atol, rtol=0)
         # Decoding on from the lean cache gives what decoding on from transformers' cache gives.
         ref_kv = [(layer.keys, layer.values) for layer in ref.cache.layers]
-        tokens, pos = torch.tensor([5, 17, 300, 2]), torch.tensor(lengths)
+        tokens, pos = torch.tensor([5, 17, 300, 2][:B]), torch.tensor(lengths)
         step_mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1).bool()
         ours, _ = step(tokens, pos, step_mask, kv)
         theirs, _ = step(tokens, pos, step_mask, ref_kv)
