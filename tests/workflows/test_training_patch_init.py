@@ -1,4 +1,6 @@
-"""The ViT patch embedding from the whitened PCA of a dataset's image patches (``model.init.vit_patches``)."""
+"""Data-driven starts of encoders trained from scratch: the ViT patch embedding from the whitened PCA of a dataset's
+image patches (``model.init.vit_patches``), Whisper's first convolution from its log-mel windows
+(``model.init.whisper_mels``)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ from ola_model.checkpoint.ola_format import load_checkpoint
 from workflows.training.config import ConfigError, config_from_dict
 from workflows.training.patch_init import (
     PatchInitError,
+    dataset_mels,
     dataset_views,
     image_patches,
     init_patch_embedding,
+    init_whisper_frontend,
+    mel_windows,
     whitened_basis,
 )
 from workflows.training.stage import run_stage
@@ -84,15 +89,21 @@ def _config(data_root: Path, init: dict) -> object:
     })  # fmt: skip
 
 
-def test_a_stage_starts_from_the_patch_basis(data_root: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_stage_starts_from_the_data_driven_inits(data_root: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(data_root.parent)
-    config = _config(data_root, {"vit_patches": data_root.name})  # relative to the working directory
+    # relative to the working directory
+    config = _config(data_root, {"vit_patches": data_root.name, "whisper_mels": data_root.name})
     result = run_stage(config, "s", tmp_path, progress=False)
-    trained = load_checkpoint(result.model_dir).vision_tower.patch_embed.proj  # the ViT is frozen in this stage
+    trained = load_checkpoint(result.model_dir)  # the ViT and Whisper are frozen in this stage
     expected = build_model(OlaConfig.from_name("tiny"), seed=0)
     init_patch_embedding(expected, data_root)
-    assert torch.equal(trained.weight, expected.vision_tower.patch_embed.proj.weight)
-    assert torch.equal(trained.bias, expected.vision_tower.patch_embed.proj.bias)
+    init_whisper_frontend(expected, data_root)
+    assert torch.equal(trained.vision_tower.patch_embed.proj.weight, expected.vision_tower.patch_embed.proj.weight)
+    assert torch.equal(trained.vision_tower.patch_embed.proj.bias, expected.vision_tower.patch_embed.proj.bias)
+    for name in ("conv1", "conv2"):
+        ours = getattr(trained.speech_encoder.whisper_model, name)
+        theirs = getattr(expected.speech_encoder.whisper_model, name)
+        assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias), name
 
 
 def test_a_missing_dataset_is_named(tmp_path: Path) -> None:
@@ -104,3 +115,61 @@ def test_a_missing_dataset_is_named(tmp_path: Path) -> None:
 def test_vit_and_vit_patches_exclude_each_other(data_root: Path) -> None:
     with pytest.raises(ConfigError, match="vit and vit_patches both set"):
         _config(data_root, {"vit": "x.pth", "vit_patches": str(data_root)})
+
+
+def test_mel_windows_are_what_the_first_convolution_sees() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(8, 4, kernel_size=3)
+    mels = [torch.randn(8, 20), torch.randn(8, 5)]
+    windows = mel_windows(mels, 3)
+    assert windows.shape == (18 + 3, 8 * 3)
+    expected = torch.cat([conv(m[None])[0].T for m in mels])
+    assert torch.allclose(windows @ conv.weight.reshape(4, -1).T + conv.bias, expected, atol=1e-5)
+
+
+def _stack_rms(model, mels: list[torch.Tensor]) -> float:
+    """RMS of Whisper's convolution stack on real audio frames, relative to its position table's."""
+    whisper = model.speech_encoder.whisper_model
+    act = torch.nn.functional.gelu
+    with torch.no_grad():
+        out = torch.cat([act(whisper.conv2(act(whisper.conv1(m[None]))))[0].T for m in mels])
+    return float(out.pow(2).mean().sqrt() / whisper.embed_positions.weight.pow(2).mean().sqrt())
+
+
+def test_init_whisper_frontend_whitens_conv1_and_keeps_the_sound_up(data_root: Path) -> None:
+    model = build_model(OlaConfig.from_name("tiny"), seed=0)
+    mels = dataset_mels(data_root)
+    assert len(mels) >= 2 and all(m.shape[0] == 128 and 50 < m.shape[1] < 300 for m in mels)  # real frames only
+    before = _stack_rms(model, mels)
+    n = init_whisper_frontend(model, data_root)
+    conv1, conv2 = model.speech_encoder.whisper_model.conv1, model.speech_encoder.whisper_model.conv2
+    windows = mel_windows(mels, 3)
+    assert windows.shape[0] == n
+    with torch.no_grad():
+        out = torch.cat(
+            [
+                conv1(
+                    m[None],
+                )[0].T
+                for m in mels
+            ]
+        )  # padding 1: the unpadded windows plus 2 per clip
+        whitened = (windows @ conv1.weight.reshape(conv1.out_channels, -1).T + conv1.bias).double()
+    assert out.shape[0] == n + 2 * len(mels)
+    assert whitened.mean(0).abs().max() < 1e-3
+    variances = whitened.var(0)
+    # pure tones: the directions that carry variance come out at unit variance, the rest below it
+    assert torch.allclose(variances[:2], torch.ones(2, dtype=torch.float64), atol=1e-3)
+    assert (variances <= 1.0 + 1e-3).all()
+    assert abs(float(conv2.weight.std()) / (2 / (32 * 3)) ** 0.5 - 1) < 0.1 and not conv2.bias.any()
+    # transformers' std-0.02 start leaves the sound a trace beside the position table; this one does not
+    assert before < 0.1
+    assert _stack_rms(model, mels) > 0.3
+
+
+def test_whisper_mels_needs_audio_and_excludes_a_whisper_checkpoint(data_root: Path, tmp_path: Path) -> None:
+    model = build_model(OlaConfig.from_name("tiny"), seed=0)
+    with pytest.raises(PatchInitError, match=r"model\.init\.whisper_mels: .*nowhere: no manifest\.json"):
+        init_whisper_frontend(model, tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="whisper and whisper_mels both set"):
+        _config(data_root, {"whisper": "w.pt", "whisper_mels": str(data_root)})

@@ -48,10 +48,17 @@ class InitSpec:
     # a dataset directory: the ViT's patch embedding becomes the whitened PCA of its train images' patches
     # (workflows/training/patch_init.py; for a ViT trained from scratch, so not together with vit)
     vit_patches: str | None = None
+    # a dataset directory: Whisper's conv1 becomes the whitened PCA of its train audio's log-mel windows, conv2 a
+    # He-normal start (workflows/training/patch_init.py; for a Whisper trained from scratch, so not with whisper)
+    whisper_mels: str | None = None
 
     def __post_init__(self) -> None:
         if self.vit is not None and self.vit_patches is not None:
             raise ConfigError("model.init: vit and vit_patches both set; vit_patches starts a ViT without weights")
+        if self.whisper is not None and self.whisper_mels is not None:
+            raise ConfigError(
+                "model.init: whisper and whisper_mels both set; whisper_mels starts a Whisper without weights"
+            )
 
 
 @dataclass

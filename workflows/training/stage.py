@@ -229,6 +229,11 @@ def _initial_model(config: TrainConfig, dtype: torch.dtype) -> OlaModel:
         from workflows.training.patch_init import init_patch_embedding
 
         init_patch_embedding(model, patches_root, seed=spec.seed)
+    mels_root = init.pop("whisper_mels", None)
+    if mels_root is not None:
+        from workflows.training.patch_init import init_whisper_frontend
+
+        init_whisper_frontend(model, mels_root, seed=spec.seed)
     if init:
         for part, report in load_components(model, **init).items():
             log.info("initialised %s from its component checkpoint: %d tensors", part, report.loaded)
@@ -499,8 +504,9 @@ def _fingerprint(job: StageJob, workers: int) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one."""
     config, stage = job.config, job.config.stage(job.stage)
     model = dataclasses.asdict(config.model)
-    if model["init"]["vit_patches"] is None:  # unset: as before the key existed, so older runs still resume
-        del model["init"]["vit_patches"]
+    for key in ("vit_patches", "whisper_mels"):
+        if model["init"][key] is None:  # unset: as before the key existed, so older runs still resume
+            del model["init"][key]
     return {
         "stage": stage.to_dict(),
         "init_model": job.init_model,
