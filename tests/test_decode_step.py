@@ -15,17 +15,24 @@ def _model(dtype):
     return build_model(cfg, seed=3).to(dtype).eval()
 
 
-@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_matches_transformers_forward_on_left_padded_rows(dtype, atol):
-    model = _model(dtype)
-    g = torch.Generator().manual_seed(0)
-    lengths = [7, 3, 11]  # rows of different lengths, left-padded to 11
+def _left_padded(model, lengths: list[int], dtype, seed: int):
+    """Random prompt embeddings of ``lengths``, left-padded to the longest: embeds (B, L, C), mask and positions
+    (B, L) as the engine makes them."""
+    g = torch.Generator().manual_seed(seed)
     B, L, C = len(lengths), max(lengths), model.config.llm.hidden_size
     embeds = torch.randn(B, L, C, generator=g).to(dtype)
     mask = torch.zeros(B, L, dtype=torch.long)
     for b, n in enumerate(lengths):
         mask[b, L - n :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return embeds, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_matches_transformers_forward_on_left_padded_rows(dtype, atol):
+    model = _model(dtype)
+    lengths = [7, 3, 11]  # rows of different lengths, left-padded to 11
+    B = len(lengths)
+    embeds, mask, positions = _left_padded(model, lengths, dtype, seed=0)
     step = DecodeStep(model.llm)
     with torch.inference_mode():
         prefill = model(embeds, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True)
@@ -60,13 +67,8 @@ def test_prefill_matches_transformers_forward_on_left_padded_rows(dtype, atol, l
     columns stay finite (a NaN there would leak into later steps through zero attention weights). Without padding
     it takes the unmasked causal kernel."""
     model = _model(dtype)
-    g = torch.Generator().manual_seed(1)
-    B, L, C = len(lengths), max(lengths), model.config.llm.hidden_size
-    embeds = torch.randn(B, L, C, generator=g).to(dtype)
-    mask = torch.zeros(B, L, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        mask[b, L - n :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    B = len(lengths)
+    embeds, mask, positions = _left_padded(model, lengths, dtype, seed=1)
     step = DecodeStep(model.llm)
     with torch.inference_mode():
         ref = model(

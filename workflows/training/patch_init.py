@@ -83,19 +83,25 @@ def whitened_basis(patches: torch.Tensor, width: int, floor: float = 1e-5) -> tu
     return weight.float(), (-(weight @ mean)).float()
 
 
-def dataset_views(root: str | Path, model: OlaModel, count: int = DEFAULT_IMAGES, seed: int = 0) -> list[torch.Tensor]:
-    """Both views (as the model sees them) of ``count`` images drawn from the train split of a dataset."""
+def _sample_files(root: str | Path, media: str, key: str, count: int, seed: int) -> list[str]:
+    """The ``media`` files (``image`` / ``audio``) of ``count`` samples drawn from the train split of a dataset, in
+    the split's order. ``key`` names the config key in errors."""
     try:
-        records = [r for r in load_split(root, "train") if "image" in r]
+        records = [r for r in load_split(root, "train") if media in r]
     except DataFormatError as exc:
-        raise PatchInitError(f"model.init.vit_patches: {exc}") from exc
+        raise PatchInitError(f"model.init.{key}: {exc}") from exc
     if not records:
-        raise PatchInitError(f"{root}: the train split has no image samples")
+        raise PatchInitError(f"{root}: the train split has no {media} samples")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(records), size=min(count, len(records)), replace=False)
+    return [records[i][media] for i in sorted(int(j) for j in chosen)]
+
+
+def dataset_views(root: str | Path, model: OlaModel, count: int = DEFAULT_IMAGES, seed: int = 0) -> list[torch.Tensor]:
+    """Both views (as the model sees them) of ``count`` images drawn from the train split of a dataset."""
     views = []
-    for i in sorted(int(j) for j in chosen):
-        pair = process_image_within(load_image(records[i]["image"]), model.config.limits)
+    for path in _sample_files(root, "image", "vit_patches", count, seed):
+        pair = process_image_within(load_image(path), model.config.limits)
         views += [pair.lowres, pair.highres]
     return views
 
@@ -132,17 +138,9 @@ def dataset_mels(root: str | Path, count: int = DEFAULT_CLIPS, seed: int = 0) ->
     """Whisper log-mel features (n_mels, T) of ``count`` audio clips drawn from the train split of a dataset (every
     task with an ``audio`` file), cut to the frames of real audio: a short clip's 30 s chunk is mostly padding, which
     would otherwise make the statistics."""
-    try:
-        records = [r for r in load_split(root, "train") if "audio" in r]
-    except DataFormatError as exc:
-        raise PatchInitError(f"model.init.whisper_mels: {exc}") from exc
-    if not records:
-        raise PatchInitError(f"{root}: the train split has no audio samples")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(records), size=min(count, len(records)), replace=False)
     mels = []
-    for i in sorted(int(j) for j in chosen):
-        wav = load_audio(records[i]["audio"])
+    for path in _sample_files(root, "audio", "whisper_mels", count, seed):
+        wav = load_audio(path)
         mel = process_audio(wav).mel  # (chunks, 3000, n_mels)
         frames = -(-int(wav.shape[0]) // HOP_LENGTH)
         mels.append(mel.reshape(-1, mel.shape[-1])[:frames].T)  # (n_mels, frames)
