@@ -122,6 +122,8 @@ def _mp4(frames: int, size: tuple[int, int]) -> bytes:
 
 
 _RUNS = itertools.count(1)
+LOADS = ("closed", "bursts")  # how a throughput run keeps N chats in flight (_chat_load)
+KINDS = {"image": 1, "text": 0}  # throughput chats: images per chat
 
 
 def fresh_seed() -> int:
@@ -271,6 +273,8 @@ def _chat_load(
     with ThreadPoolExecutor(n) as pool:
         if load == "closed":
             tokens = sum(pool.map(client, range(n)))
+        elif load != "bursts":
+            raise ValueError(f"unknown load {load!r}; known: {', '.join(LOADS)}")
         else:
             for r in range(rounds):
                 tokens += sum(pool.map(chat, range(r * n, (r + 1) * n)))
@@ -623,6 +627,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-pin", action="store_true", help="let vision replicas use every CPU")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    for flag, value, known in (("--load", args.load, LOADS), ("--kinds", args.kinds, KINDS)):
+        unknown = sorted(set(value.split(",")) - set(known))
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     import tempfile
 
     lengths = [int(n) for n in args.audio_sentences.split(",")] if args.audio_attempts else []
@@ -641,7 +649,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine_info(), "args": vars(args)}
     try:
         print("throughput ...", file=sys.stderr)
-        kinds = {"image": 1, "text": 0}
         result["throughput"] = [
             row
             for load in args.load.split(",")
@@ -650,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 stack,
                 concurrency,
                 args.new_tokens,
-                kinds[kind],
+                KINDS[kind],
                 repeats=args.repeats,
                 chats=args.chats,
                 load=load,

@@ -107,6 +107,17 @@ def test_serving_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(r["chats_per_s"] > 0 for r in result["vision_replicas"])
 
 
+def test_serving_refuses_unknown_loads_and_kinds(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    serving = _bench("serving", monkeypatch)
+    for args, message in (
+        (["--load", "closed,nope"], "--load: unknown nope (known: closed, bursts)"),
+        (["--kinds", "video"], "--kinds: unknown video (known: image, text)"),
+    ):
+        with pytest.raises(SystemExit):
+            serving.main(args)
+        assert message in capsys.readouterr().err
+
+
 def test_scene_qa_probe_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     probe = _bench("scene_qa_probe", monkeypatch)
     runs = {

@@ -231,9 +231,14 @@ def _run_jobs(jobs: list[SampleJob], workers: int, progress: bool) -> Iterator[S
         for job in tqdm(jobs, desc="synth", unit="sample", disable=not progress, dynamic_ncols=True):
             yield build_sample(job)
         return
-    # fork: workers start at once and inherit the imported modules. The pool is made before tqdm starts its thread.
+    # forkserver, not fork: workers fork from a clean server process that has imported this module, not from the
+    # caller, which may hold threads (gRPC, thread pools) and native state that a forked child cannot use. A fork of
+    # a process that had decoded video with PyAV hung in the child: freeing a swscale context there waits on a
+    # condition variable of slice threads that only the parent has.
     chunk = max(1, min(16, len(jobs) // (workers * 8)))
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with ctx.Pool(workers) as pool:
         results = pool.imap_unordered(build_sample, jobs, chunksize=chunk)
         yield from tqdm(results, total=len(jobs), desc="synth", unit="sample", disable=not progress, dynamic_ncols=True)
 
