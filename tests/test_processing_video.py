@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import av
@@ -243,3 +247,38 @@ def test_container_without_frame_count(tmp_path: Path) -> None:
     assert clip.frame_indices == sample_frame_indices(30, 8)
     source = _decode_all(path)
     torch.testing.assert_close(clip.frames[-1], process_video_frame(source[29]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_that_decoded_video_in_a_thread_can_fork(tmp_path: Path) -> None:
+    """PyAV keeps a frame converter per thread for the thread's lifetime; with swscale's automatic slice threads, a
+    fork after a thread decoded video hung in the child (freeing that converter waits on threads only the parent
+    has). The services decode in worker threads, and Ray and multiprocessing fork."""
+    path = make_video(tmp_path / "v.mp4", num_frames=6, width=320, height=240, tone_hz=None)
+    decoded, release = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        load_video(path, max_frames=4, with_audio=False)
+        decoded.set()
+        release.wait(30)  # the thread, and its converter, stay alive while the process forks
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    assert decoded.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+    finally:
+        release.set()
+        thread.join(5)

@@ -174,7 +174,11 @@ def _decode_pass(
                 if first_size is None:
                     first_size = (frame.width, frame.height)
                 if count in wanted:
-                    img = frame.to_image()
+                    # One swscale thread: PyAV (18+) keeps a converter per thread for the thread's lifetime, and
+                    # with automatic slice threads a process that forks later (multiprocessing, Ray's process
+                    # start) hangs in the child, which frees the other threads' converters and waits on slice
+                    # threads that exist only in the parent. Frames are small; the services decode many at once.
+                    img = frame.to_image(threads=1)
                     if img.size != first_size:  # resolution changed mid-stream: one geometry per clip
                         img = img.resize(first_size, Image.Resampling.BICUBIC)
                     kept[count] = convert(img)
