@@ -11,9 +11,10 @@ This module needs no Ray: the deployments in ``services/app.py`` use it, and its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -140,18 +141,26 @@ class ServeContext:
         return self._ctx.peer() if self._ctx is not None else ""
 
 
-async def call_unary(
-    fn: Callable[[Any, ServeContext], Awaitable[Any]], request: Any, ctx: ServeContext, empty: Callable[[], Any]
-) -> Any:
-    """Run a unary servicer method; a failure sets the status on ``ctx`` and returns ``empty()``."""
+@contextlib.contextmanager
+def _failure_as_status(ctx: ServeContext) -> Iterator[None]:
+    """End a servicer method's failure here with its status on ``ctx``: an abort has recorded it already, any other
+    exception is recorded now. Cancellation passes through."""
     try:
-        return await fn(request, ctx)
+        yield
     except grpc.aio.AbortError:
         pass
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         ctx.fail(exc)
+
+
+async def call_unary(
+    fn: Callable[[Any, ServeContext], Awaitable[Any]], request: Any, ctx: ServeContext, empty: Callable[[], Any]
+) -> Any:
+    """Run a unary servicer method; a failure sets the status on ``ctx`` and returns ``empty()``."""
+    with _failure_as_status(ctx):
+        return await fn(request, ctx)
     ctx.raise_if_detached()
     return empty()
 
@@ -167,16 +176,10 @@ async def call_stream(
     Serve's proxy applies a replica's gRPC context only with a message, so the status needs one message to ride on.
     """
     last = None
-    try:
+    with _failure_as_status(ctx):
         async for message in fn(request, ctx):
             last = message
             yield message
         return
-    except grpc.aio.AbortError:
-        pass
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        ctx.fail(exc)
     ctx.raise_if_detached()
     yield carrier(last, ctx.error_detail())

@@ -146,14 +146,7 @@ def test_init_whisper_frontend_whitens_conv1_and_keeps_the_sound_up(data_root: P
     windows = mel_windows(mels, 3)
     assert windows.shape[0] == n
     with torch.no_grad():
-        out = torch.cat(
-            [
-                conv1(
-                    m[None],
-                )[0].T
-                for m in mels
-            ]
-        )  # padding 1: the unpadded windows plus 2 per clip
+        out = torch.cat([conv1(m[None])[0].T for m in mels])  # padding 1: the unpadded windows plus 2 per clip
         whitened = (windows @ conv1.weight.reshape(conv1.out_channels, -1).T + conv1.bias).double()
     assert out.shape[0] == n + 2 * len(mels)
     assert whitened.mean(0).abs().max() < 1e-3
@@ -167,7 +160,7 @@ def test_init_whisper_frontend_whitens_conv1_and_keeps_the_sound_up(data_root: P
     assert _stack_rms(model, mels) > 0.3
 
 
-def test_whisper_mels_needs_audio_and_excludes_a_whisper_checkpoint(data_root: Path, tmp_path: Path) -> None:
+def test_whisper_mels_names_a_missing_dataset_and_excludes_whisper(data_root: Path, tmp_path: Path) -> None:
     model = build_model(OlaConfig.from_name("tiny"), seed=0)
     with pytest.raises(PatchInitError, match=r"model\.init\.whisper_mels: .*nowhere: no manifest\.json"):
         init_whisper_frontend(model, tmp_path / "nowhere")
